@@ -1,0 +1,45 @@
+"""Error and warning types for mistakes a user can make.
+
+Every error a user can cause (a wrong path, a corrupt image, a platemap without a
+well, a checkpoint that does not fit the plate) is a :class:`CellClipError`, whose
+message names the file, well or key at fault.  The napari widgets show these as
+notifications; the command line prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class CellClipError(ValueError):
+    """Base class for user-facing errors."""
+
+
+class PlateError(CellClipError):
+    """A plate folder or manifest cannot be turned into a table of fields."""
+
+
+class ImageReadError(CellClipError):
+    """An image file is missing, corrupt, truncated or does not fit its field."""
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class MetadataError(CellClipError):
+    """Platemap / annotation tables do not cover the fields or are malformed."""
+
+
+class CheckpointError(CellClipError):
+    """A checkpoint directory is missing, malformed or incompatible."""
+
+
+class QueryError(CellClipError):
+    """A text or image query cannot be run (empty, too long, nothing embedded)."""
+
+
+class Cancelled(Exception):
+    """Raised inside long jobs when the user cancelled them."""
+
+
+class CellClipWarning(UserWarning):
+    """Something was skipped or assumed; the message says what."""
