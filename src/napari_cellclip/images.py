@@ -1,0 +1,164 @@
+"""Decode channel images and normalise intensities.
+
+Fields are read lazily: nothing here touches a file until :func:`load_field` is
+called for that field.  TIFF goes through tifffile (8-bit, 16-bit, float, and
+multi-channel files with a frame index), PNG through Pillow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import ImageReadError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+
+
+def read_image(path, frame: int | None = None, axes: str | None = None) -> np.ndarray:
+    """Read one 2-D channel image.
+
+    ``frame`` picks a channel inside a multi-channel TIFF; ``axes`` says where
+    the channel axis is in such a file ("CYX" or "YXC"; default "CYX").
+    Raises :class:`ImageReadError` naming the file when it is missing,
+    corrupt, truncated or not 2-D.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            data = tifffile.imread(path)
+        elif suffix in PNG_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                data = np.asarray(im)
+        else:
+            raise ImageReadError(path, f"unsupported image type {suffix!r} (use TIFF or PNG)")
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt files
+        raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+    data = np.asarray(data)
+    if frame is not None:
+        axes = (axes or "CYX").upper()
+        if data.ndim != 3 or axes not in ("CYX", "YXC"):
+            raise ImageReadError(path, f"expected a 3-D {axes} multi-channel image, got shape {data.shape}")
+        n = data.shape[0] if axes == "CYX" else data.shape[-1]
+        if not 0 <= frame < n:
+            raise ImageReadError(path, f"channel index {frame} out of range (file has {n} channels)")
+        data = data[frame] if axes == "CYX" else data[..., frame]
+    if data.ndim == 3 and data.shape[-1] in (3, 4) and suffix in PNG_SUFFIXES:
+        # An RGB(A) PNG of a single stain: all planes carry the same grey values.
+        data = data[..., 0]
+    if data.ndim != 2:
+        raise ImageReadError(path, f"expected a 2-D single-channel image, got shape {data.shape}")
+    if data.dtype.kind not in "uif" or data.dtype == np.bool_:
+        raise ImageReadError(path, f"unsupported pixel type {data.dtype}")
+    return data
+
+
+def _row_get(row, key):
+    if isinstance(row, Mapping):
+        return row.get(key)
+    return row[key] if key in row.index else None
+
+
+def channel_path(row, stain: str) -> Path:
+    """Absolute path of ``stain``'s image in a fields-table row."""
+    name = _row_get(row, f"FileName_Orig{stain}")
+    folder = _row_get(row, f"PathName_Orig{stain}")
+    if name is None or (isinstance(name, float) and np.isnan(name)) or name == "":
+        raise ImageReadError(
+            f"{_row_get(row, 'Metadata_Plate')}/{_row_get(row, 'Metadata_Well')} site "
+            f"{_row_get(row, 'Metadata_Site')}",
+            f"no image for stain {stain!r}",
+        )
+    return Path(str(folder)) / str(name)
+
+
+def _frame(row, stain: str) -> int | None:
+    value = _row_get(row, f"Frame_Orig{stain}")
+    if value is None:
+        return None
+    try:
+        if np.isnan(value):
+            return None
+    except TypeError:
+        pass
+    return int(value)
+
+
+def load_field(row, stains: Sequence[str] | None = None) -> np.ndarray:
+    """All channels of one field as a (C, H, W) array in the file's dtype.
+
+    ``row`` is a row of a fields table (a pandas Series or a mapping);
+    ``stains`` defaults to the stains in the row's ``FileName_Orig*`` keys.
+    All channels must have the same shape; a mismatch names both files.
+    """
+    if stains is None:
+        keys = row.keys() if isinstance(row, Mapping) else row.index
+        stains = [k[len("FileName_Orig"):] for k in keys if str(k).startswith("FileName_Orig")]
+    axes = _row_get(row, "Metadata_ChannelAxes")
+    planes = []
+    first = None
+    for stain in stains:
+        path = channel_path(row, stain)
+        plane = read_image(path, frame=_frame(row, stain), axes=axes if isinstance(axes, str) else None)
+        if first is None:
+            first = (path, plane.shape)
+        elif plane.shape != first[1]:
+            raise ImageReadError(
+                path,
+                f"shape {plane.shape} differs from {first[1]} of {first[0].name} in the same field",
+            )
+        planes.append(plane)
+    if not planes:
+        raise ImageReadError("<field>", "no channels to read")
+    dtype = np.result_type(*[p.dtype for p in planes])
+    return np.stack(planes).astype(dtype, copy=False)
+
+
+def normalize(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> np.ndarray:
+    """Robust per-channel rescale to [0, 1] (float32).
+
+    Each channel (the leading axis of a (C, H, W) array, or a single (H, W)
+    image) is mapped so its ``low``-th percentile goes to 0 and its
+    ``high``-th to 1, then clipped.  A flat channel becomes all zeros.
+    """
+    arr = np.asarray(img, dtype=np.float32)
+    single = arr.ndim == 2
+    if single:
+        arr = arr[None]
+    flat = arr.reshape(arr.shape[0], -1)
+    lo, hi = np.percentile(flat, [low, high], axis=1).astype(np.float32)
+    scale = hi - lo
+    scale[scale <= 0] = 1.0
+    out = (arr - lo[:, None, None]) / scale[:, None, None]
+    flat_ch = (hi - lo) <= 0
+    out[flat_ch] = 0.0
+    np.clip(out, 0.0, 1.0, out=out)
+    return out[0] if single else out
+
+
+def load_field_normalized(row, stains: Sequence[str] | None = None, low: float = 1.0, high: float = 99.9) -> np.ndarray:
+    """:func:`load_field` followed by :func:`normalize`: float32 (C, H, W) in [0, 1]."""
+    return normalize(load_field(row, stains), low=low, high=high)
+
+
+def contrast_limits(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> tuple[float, float]:
+    """Display contrast limits for one channel from robust percentiles."""
+    lo, hi = np.percentile(np.asarray(img), [low, high])
+    if hi <= lo:
+        hi = lo + 1.0
+    return float(lo), float(hi)
