@@ -1,0 +1,215 @@
+"""Contrastive losses for CellCLIP: CWCL (the paper's default), CLIP, SigLIP.
+
+Conventions shared by all losses
+--------------------------------
+* Embeddings are passed un-normalised; each loss L2-normalises them.
+* ``logit_scale`` is the *log* scale, i.e. ``model.logit_scale`` itself; the
+  loss clamps it to <= ln 100 and exponentiates ("clamp at use").
+* ``labels`` (optional, (B,) ints): samples with equal labels are positives
+  of each other.  The hard target of row i becomes the uniform distribution
+  over {j : labels_j == labels_i} (rows normalised to 1).  Without labels the
+  targets are the diagonal.  The training helper samples batches of distinct
+  prompts; labels make the losses right even when a batch repeats a prompt.
+* ``gather=True`` all-gathers embeddings, features and labels across DDP
+  processes (:func:`gather_features`) and computes the loss on the global
+  batch; gradients reach this process's shard only (each rank then holds the
+  gradient of the global loss w.r.t. its own samples; DDP's averaging divides
+  by the world size, a constant factor).  A no-op outside torch.distributed.
+* Computation is in float32 (or float64 when given float64).
+
+CWCL direction (checked against ``src/clip/methods.py`` of suinleelab/CellCLIP)
+----------------------------------------------------------------------------
+    L = CE(logits_text->image, targets) + L_cwcl
+    L_cwcl = -(1/N) sum_i sum_j w_ij log softmax_j(s <p_i, q_j>)
+with p = image embeddings, q = text embeddings (the image->text direction,
+``logits_per_image`` rows), and
+    w_ij = mean_c (cos(u_i^c, u_j^c) / 2 + 1/2), rows normalised to sum 1,
+u the pooled per-channel frozen features (B, C, D), detached (targets carry no
+gradient).  So the text->image direction gets hard (or label) targets and the
+image->text direction gets continuous targets from image-image similarity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOGIT_SCALE_MAX",
+    "gather_features",
+    "clip_loss",
+    "cwcl_loss",
+    "siglip_loss",
+    "channel_similarity_weights",
+    "target_matrix",
+    "compute_loss",
+]
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+# --------------------------------------------------------------------------- DDP
+def _dist_world():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` (first dim = batch) across processes, rank order.
+
+    The local shard keeps its autograd graph; other ranks' shards are
+    constants.  Batches of different sizes on different ranks are fine.
+    Returns ``x`` unchanged when torch.distributed is not initialised or has
+    a single process.
+    """
+    dist = _dist_world()
+    if dist is None:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    m = max(sizes)
+    local = x.detach()
+    if local.shape[0] < m:
+        pad = local.new_zeros((m - local.shape[0],) + tuple(local.shape[1:]))
+        local = torch.cat([local, pad])
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    parts = [p[:s] for p, s in zip(parts, sizes)]
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def _maybe_gather(gather: bool, *tensors):
+    if not gather:
+        return tensors
+    return tuple(None if t is None else gather_features(t) for t in tensors)
+
+
+# --------------------------------------------------------------------------- helpers
+def _prep(image_emb, text_emb, logit_scale):
+    dtype = torch.float64 if image_emb.dtype == torch.float64 else torch.float32
+    img = F.normalize(image_emb.to(dtype), dim=-1)
+    txt = F.normalize(text_emb.to(dtype), dim=-1)
+    if not torch.is_tensor(logit_scale):
+        logit_scale = torch.tensor(float(logit_scale), device=img.device)
+    scale = logit_scale.to(device=img.device, dtype=dtype).clamp(max=LOGIT_SCALE_MAX).exp()
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(
+            f"image and text embeddings must both be (B, E), got {tuple(image_emb.shape)} "
+            f"and {tuple(text_emb.shape)}"
+        )
+    return img, txt, scale
+
+
+def target_matrix(labels: torch.Tensor | None, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(n, n) row-stochastic targets: identity, or uniform over equal labels."""
+    if labels is None:
+        return torch.eye(n, device=device, dtype=dtype)
+    labels = labels.reshape(-1).to(device)
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {n}")
+    same = (labels[:, None] == labels[None, :]).to(dtype)
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-(1/N) sum_i sum_j t_ij log softmax_j(logits_ij)."""
+    return -(targets * torch.log_softmax(logits, dim=1)).sum() / logits.shape[0]
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    n = logits.shape[0]
+    if labels is None:
+        return F.cross_entropy(logits, torch.arange(n, device=logits.device))
+    return _soft_ce(logits, target_matrix(labels, n, logits.device, logits.dtype))
+
+
+def channel_similarity_weights(channel_features: torch.Tensor) -> torch.Tensor:
+    """CWCL weights from pooled per-channel features (B, C, D), no gradient.
+
+    w_ij = mean_c (cos(u_i^c, u_j^c)/2 + 1/2), each row normalised to sum 1.
+    """
+    u = channel_features.detach()
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u = F.normalize(u.to(dtype), dim=-1, eps=1e-8)
+    C = u.shape[1]
+    cos = torch.einsum("icd,jcd->ij", u, u) / C  # mean over channels
+    w = cos / 2 + 0.5
+    return w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+# --------------------------------------------------------------------------- losses
+def clip_loss(image_emb, text_emb, logit_scale, *, labels=None, gather: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE: (CE(image->text) + CE(text->image)) / 2."""
+    image_emb, text_emb, labels = _maybe_gather(gather, image_emb, text_emb, labels)
+    img, txt, scale = _prep(image_emb, text_emb, logit_scale)
+    logits_per_image = scale * img @ txt.t()
+    return (_ce(logits_per_image, labels) + _ce(logits_per_image.t(), labels)) / 2
+
+
+def cwcl_loss(image_emb, text_emb, channel_features, logit_scale, *, labels=None,
+              gather: bool = False) -> torch.Tensor:
+    """CellCLIP's loss: CE(text->image) + CWCL(image->text, channel-similarity targets).
+
+    channel_features: (B, C, D) pooled per-channel frozen features (detached here).
+    """
+    image_emb, text_emb, channel_features, labels = _maybe_gather(
+        gather, image_emb, text_emb, channel_features, labels
+    )
+    img, txt, scale = _prep(image_emb, text_emb, logit_scale)
+    if channel_features.ndim != 3 or channel_features.shape[0] != img.shape[0]:
+        raise ValueError(
+            f"channel_features must be (B, C, D) with B={img.shape[0]}, got "
+            f"{tuple(channel_features.shape)}"
+        )
+    logits_per_image = scale * img @ txt.t()
+    loss_cl = _ce(logits_per_image.t(), labels)
+    w = channel_similarity_weights(channel_features).to(device=img.device, dtype=img.dtype)
+    loss_cwcl = _soft_ce(logits_per_image, w)
+    return loss_cl + loss_cwcl
+
+
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, labels=None,
+                gather: bool = False) -> torch.Tensor:
+    """Sigmoid loss: -(1/N) sum_ij log sigmoid(z_ij (s <x_i, y_j> + b)).
+
+    z_ij = +1 for positives (diagonal, or equal labels), -1 otherwise.  The sum
+    over all N^2 pairs is divided by N as in the SigLIP paper.
+    """
+    image_emb, text_emb, labels = _maybe_gather(gather, image_emb, text_emb, labels)
+    img, txt, scale = _prep(image_emb, text_emb, logit_scale)
+    if not torch.is_tensor(logit_bias):
+        logit_bias = torch.tensor(float(logit_bias))
+    logits = scale * img @ txt.t() + logit_bias.to(device=img.device, dtype=img.dtype)
+    n = logits.shape[0]
+    if labels is None:
+        pos = torch.eye(n, device=img.device, dtype=torch.bool)
+    else:
+        labels = labels.reshape(-1).to(img.device)
+        pos = labels[:, None] == labels[None, :]
+    z = pos.to(img.dtype) * 2 - 1
+    return -F.logsigmoid(z * logits).sum() / n
+
+
+def compute_loss(name: str, image_emb, text_emb, logit_scale, *, channel_features=None,
+                 logit_bias=None, labels=None, gather: bool = False) -> torch.Tensor:
+    """Dispatch on ``config.loss`` ("cwcl" | "clip" | "siglip")."""
+    if name == "cwcl":
+        if channel_features is None:
+            raise ValueError("cwcl loss needs channel_features (B, C, D)")
+        return cwcl_loss(image_emb, text_emb, channel_features, logit_scale, labels=labels, gather=gather)
+    if name == "clip":
+        return clip_loss(image_emb, text_emb, logit_scale, labels=labels, gather=gather)
+    if name == "siglip":
+        if logit_bias is None:
+            raise ValueError("siglip loss needs logit_bias")
+        return siglip_loss(image_emb, text_emb, logit_scale, logit_bias, labels=labels, gather=gather)
+    raise ValueError(f"unknown loss {name!r} (cwcl | clip | siglip)")
