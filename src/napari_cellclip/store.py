@@ -1,0 +1,374 @@
+"""Embedding store: CellCLIP image embeddings plus the fields table they belong to.
+
+An :class:`EmbeddingStore` holds
+
+* ``embeddings`` — ``(N, E)`` float32, every row L2-normalised (cosine = dot product),
+* ``fields`` — a pandas DataFrame with ``N`` rows (index ``0..N-1``) carrying the
+  ``Metadata_*`` columns (plate, well, site, perturbation, MoA, prompt, ...) and the
+  image paths of each field,
+* ``model_id`` — the identity of the checkpoint that produced the vectors
+  (see :func:`napari_cellclip.embed.model_identity`); vectors from different
+  checkpoints live in different spaces and must never be compared,
+* ``level`` — ``"field"`` (one row per field of view) or ``"well"`` (see :meth:`EmbeddingStore.well_level`),
+* ``info`` — a small JSON-serialisable dict (skipped fields, encoder identity, ...).
+
+On disk a store is a folder with ``embeddings.npy`` + ``fields.parquet`` + ``store.json``,
+written atomically (a temporary sibling folder swapped into place).  Loading never
+unpickles (``np.load(..., allow_pickle=False)``).
+
+This module imports neither torch nor Qt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import CellClipError, MetadataError
+
+__all__ = [
+    "EmbeddingStore",
+    "StoreError",
+    "cache_key",
+    "l2_normalize",
+    "metadata_columns",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+]
+
+FORMAT_NAME = "napari-cellclip-embedding-store"
+FORMAT_VERSION = 1
+_EMB_FILE = "embeddings.npy"
+_FIELDS_FILE = "fields.parquet"
+_META_FILE = "store.json"
+LEVELS = ("field", "well")
+WELL_KEYS = ("Metadata_Plate", "Metadata_Well")
+
+
+class StoreError(CellClipError):
+    """An embedding store folder is missing, incomplete or malformed."""
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation as float32 (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        n = float(np.linalg.norm(x))
+        return (x / max(n, eps)).astype(np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(n, eps)).astype(np.float32)
+
+
+def metadata_columns(df: pd.DataFrame) -> list[str]:
+    """The ``Metadata_*`` columns of ``df``, in table order."""
+    return [c for c in df.columns if str(c).startswith("Metadata_")]
+
+
+class EmbeddingStore:
+    """L2-normalised embeddings ``(N, E)`` + their fields table ``(N rows)`` + checkpoint identity.
+
+    Parameters
+    ----------
+    embeddings
+        ``(N, E)`` array.  Stored as float32; rows are (re)normalised unless
+        ``normalize=False`` (then they must already be unit length or zero).
+    fields
+        DataFrame with ``N`` rows; its index is reset to ``0..N-1`` (a copy is kept).
+    model_id
+        Identity string of the checkpoint that produced ``embeddings``.
+    level
+        ``"field"`` or ``"well"``.
+    info
+        Optional JSON-serialisable dict of provenance (saved in ``store.json``).
+    """
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        fields: pd.DataFrame,
+        model_id: str = "",
+        *,
+        level: str = "field",
+        info: dict[str, Any] | None = None,
+        normalize: bool = True,
+    ) -> None:
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2:
+            raise StoreError(f"embeddings must be a 2-D (N, E) array, got shape {emb.shape}")
+        if not isinstance(fields, pd.DataFrame):
+            raise StoreError(f"fields must be a pandas DataFrame, got {type(fields).__name__}")
+        if len(fields) != emb.shape[0]:
+            raise StoreError(
+                f"embeddings have {emb.shape[0]} rows but the fields table has {len(fields)}"
+            )
+        if level not in LEVELS:
+            raise StoreError(f"level must be one of {LEVELS}, got {level!r}")
+        emb = emb.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(emb)):
+            raise StoreError("embeddings contain NaN or infinite values")
+        self.embeddings: np.ndarray = l2_normalize(emb) if normalize else np.ascontiguousarray(emb)
+        self.fields: pd.DataFrame = fields.reset_index(drop=True).copy()
+        self.model_id: str = str(model_id)
+        self.level: str = level
+        self.info: dict[str, Any] = dict(info or {})
+        self._well_cache: EmbeddingStore | None = None
+        self._searcher = None  # filled lazily by napari_cellclip.search
+
+    # ------------------------------------------------------------------ basics
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingStore(n={len(self)}, dim={self.dim}, level={self.level!r}, "
+            f"model_id={self.model_id[:12]!r})"
+        )
+
+    @property
+    def dim(self) -> int:
+        """Embedding width ``E``."""
+        return int(self.embeddings.shape[1])
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The ``Metadata_*`` columns of the fields table."""
+        return metadata_columns(self.fields)
+
+    def subset(self, rows) -> EmbeddingStore:
+        """A new store with only ``rows`` (positions or boolean mask), same model/level."""
+        rows = np.asarray(rows)
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64).reshape(-1)
+        return EmbeddingStore(
+            self.embeddings[idx], self.fields.iloc[idx], self.model_id,
+            level=self.level, info=self.info, normalize=False,
+        )
+
+    # ------------------------------------------------------------- aggregation
+    def well_level(self) -> EmbeddingStore:
+        """Mean embedding per ``(Metadata_Plate, Metadata_Well)``, renormalised.
+
+        One row per well, sorted by plate then well.  Metadata columns whose value
+        is constant within every well are kept (per-field ones such as
+        ``Metadata_Site`` and the image path columns are dropped); ``Metadata_n_fields``
+        counts the fields averaged.  A well-level store returns itself.  The result is
+        cached on the store.
+        """
+        if self.level == "well":
+            return self
+        if self._well_cache is not None:
+            return self._well_cache
+        missing = [k for k in WELL_KEYS if k not in self.fields.columns]
+        if missing:
+            raise MetadataError(f"well-level aggregation needs the columns {missing} in the fields table")
+        keys = list(WELL_KEYS)
+        f = self.fields
+        codes = f.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
+        n_wells = int(codes.max()) + 1 if len(codes) else 0
+        sums = np.zeros((n_wells, self.dim), dtype=np.float64)
+        np.add.at(sums, codes, self.embeddings.astype(np.float64))
+        counts = np.bincount(codes, minlength=n_wells)
+        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+
+        meta = [c for c in metadata_columns(f) if c not in keys and c != "Metadata_n_fields"]
+        first = pd.Series(np.arange(len(f))).groupby(codes).first().to_numpy()
+        table = f.iloc[first][keys].reset_index(drop=True)
+        if meta:
+            nun = f[meta].groupby(codes).nunique(dropna=False)
+            constant = [c for c in meta if bool((nun[c] <= 1).all())]
+            if constant:
+                table = pd.concat(
+                    [table, f.iloc[first][constant].reset_index(drop=True)], axis=1
+                )
+        table["Metadata_n_fields"] = counts.astype(np.int64)
+        info = dict(self.info)
+        info["aggregated_from"] = "field"
+        self._well_cache = EmbeddingStore(means, table, self.model_id, level="well", info=info)
+        return self._well_cache
+
+    # ------------------------------------------------------------------ export
+    def to_frame(
+        self, coords: np.ndarray | None = None, *, prefix: str = "emb_", coord_names=("UMAP_1", "UMAP_2")
+    ) -> pd.DataFrame:
+        """Metadata columns + one column per embedding dimension (``emb_0..emb_{E-1}``).
+
+        ``coords`` (``(N, 2)``, e.g. from :func:`napari_cellclip.reduce.embed_2d`) adds
+        ``UMAP_1``/``UMAP_2`` (names configurable).  Suitable for ``to_parquet``/``to_csv``.
+        """
+        meta = self.fields[self.metadata_columns].reset_index(drop=True)
+        emb = pd.DataFrame(self.embeddings, columns=[f"{prefix}{i}" for i in range(self.dim)])
+        parts = [meta, emb]
+        if coords is not None:
+            coords = np.asarray(coords)
+            if coords.shape != (len(self), len(coord_names)):
+                raise StoreError(
+                    f"coords must have shape ({len(self)}, {len(coord_names)}), got {coords.shape}"
+                )
+            parts.append(pd.DataFrame(coords, columns=list(coord_names)))
+        return pd.concat(parts, axis=1)
+
+    # --------------------------------------------------------------------- I/O
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``embeddings.npy`` + ``fields.parquet`` + ``store.json`` into folder ``path``.
+
+        The folder is written next to its final place and swapped in, so a crash
+        never leaves a half-written store behind.  An existing store at ``path`` is replaced.
+        Returns the folder.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            np.save(tmp / _EMB_FILE, self.embeddings, allow_pickle=False)
+            _fields_for_parquet(self.fields).to_parquet(tmp / _FIELDS_FILE, index=False)
+            meta = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "model_id": self.model_id,
+                "level": self.level,
+                "n": len(self),
+                "dim": self.dim,
+                "info": _jsonable(self.info),
+            }
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EmbeddingStore:
+        """Read a store written by :meth:`save` (raises :class:`StoreError` if incomplete)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"{path}: no embedding store folder here")
+        for name in (_META_FILE, _EMB_FILE, _FIELDS_FILE):
+            if not (path / name).is_file():
+                raise StoreError(f"{path}: embedding store is incomplete ({name} missing)")
+        try:
+            meta = json.loads((path / _META_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{path / _META_FILE}: unreadable ({e})") from None
+        if meta.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path / _META_FILE}: not a napari-cellclip embedding store")
+        if int(meta.get("version", 0)) > FORMAT_VERSION:
+            raise StoreError(
+                f"{path}: store format version {meta.get('version')} is newer than this "
+                f"napari-cellclip understands ({FORMAT_VERSION}); please upgrade"
+            )
+        try:
+            emb = np.load(path / _EMB_FILE, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{path / _EMB_FILE}: unreadable ({e})") from None
+        try:
+            fields = pd.read_parquet(path / _FIELDS_FILE)
+        except Exception as e:  # pyarrow raises several types
+            raise StoreError(f"{path / _FIELDS_FILE}: unreadable ({e})") from None
+        if emb.ndim != 2 or emb.shape[0] != len(fields) or emb.shape[0] != int(meta.get("n", -1)):
+            raise StoreError(
+                f"{path}: inconsistent store (embeddings {emb.shape}, {len(fields)} field rows, "
+                f"store.json n={meta.get('n')})"
+            )
+        return cls(
+            emb, fields, meta.get("model_id", ""), level=meta.get("level", "field"),
+            info=meta.get("info") or {}, normalize=False,
+        )
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a complete store."""
+        p = Path(path)
+        return all((p / n).is_file() for n in (_META_FILE, _EMB_FILE, _FIELDS_FILE))
+
+    @staticmethod
+    def cache_key(fields: pd.DataFrame, model_id: str) -> str:
+        """Same as the module-level :func:`cache_key`."""
+        return cache_key(fields, model_id)
+
+
+# ---------------------------------------------------------------------- helpers
+def cache_key(fields: pd.DataFrame, model_id: str) -> str:
+    """A key for reusing a plate's embeddings from disk: data identity + model identity.
+
+    Hashes, in row order, every ``Metadata_*`` value (annotations and control flags
+    change the stored table and the plate-effect correction), every image file
+    reference (``FileName_``/``PathName_``/``Frame_`` columns) with the file's size and
+    modification time (cheap; a rewritten image changes the key), and ``model_id``.
+    Returns a 32-character hex string.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{FORMAT_NAME}:{FORMAT_VERSION}\0{model_id}\0".encode())
+    cols = [
+        c for c in fields.columns
+        if str(c).startswith(("Metadata_", "FileName_", "PathName_", "Frame_", "URL_"))
+    ]
+    cols = sorted(cols, key=str)
+    h.update(("\x1f".join(map(str, cols)) + "\0").encode())
+    file_cols = [c for c in cols if str(c).startswith("FileName_")]
+    for row in fields[cols].itertuples(index=False, name=None):
+        rec = dict(zip(cols, row))
+        h.update("\x1f".join(_key_str(rec[c]) for c in cols).encode())
+        for fc in file_cols:
+            stain = str(fc)[len("FileName_"):]
+            p = Path(str(rec.get(f"PathName_{stain}", "") or "")) / str(rec[fc])
+            try:
+                st = p.stat()
+                h.update(f"|{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"|missing")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _key_str(v: Any) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "<NA>"
+    try:
+        if pd.isna(v):
+            return "<NA>"
+    except (TypeError, ValueError):
+        pass
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
+def _fields_for_parquet(df: pd.DataFrame) -> pd.DataFrame:
+    """Make a fields table parquet-safe: mixed-type object columns become strings."""
+    out = df.copy()
+    out.columns = [str(c) for c in out.columns]
+    for c in out.columns:
+        s = out[c]
+        if s.dtype == object:
+            kinds = {type(v) for v in s if v is not None and not (isinstance(v, float) and np.isnan(v))}
+            if len(kinds) > 1 or (kinds and not kinds <= {str, bool, int, float}):
+                out[c] = s.map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Best-effort conversion of numpy scalars/arrays/paths inside ``obj`` for json.dumps."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
