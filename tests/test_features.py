@@ -1,0 +1,200 @@
+"""Batched feature extraction with the on-disk cache (real bundled fields, copied to tmp_path)."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from napari_cellclip.encoders.morphology import MorphologyEncoder
+from napari_cellclip.errors import Cancelled, CellClipWarning, ImageReadError
+from napari_cellclip.features import default_cache_dir, extract_features, field_cache_key
+
+N_FIELDS = 4
+
+
+class CountingEncoder(MorphologyEncoder):
+    """Morphology on a small working size, counting the fields it encodes."""
+
+    def __init__(self, size=64):
+        super().__init__(device="cpu", size=size)
+        self.calls = 0
+        self.fields = 0
+
+    def encode(self, x):
+        self.calls += 1
+        self.fields += x.shape[0]
+        return super().encode(x)
+
+
+@pytest.fixture
+def plate(tmp_path):
+    """The first fields of the bundled plate, copied (so files can be changed) and re-read."""
+    from napari_cellclip.plates import read_plate, stains
+    from napari_cellclip.sample import sample_plate_dir
+
+    src = read_plate(sample_plate_dir()).iloc[:N_FIELDS].reset_index(drop=True)
+    dst = tmp_path / "plate"
+    dst.mkdir()
+    fields = src.copy()
+    for s in stains(src):
+        for i, row in src.iterrows():
+            shutil.copy(f"{row[f'PathName_Orig{s}']}/{row[f'FileName_Orig{s}']}", dst / row[f"FileName_Orig{s}"])
+        fields[f"PathName_Orig{s}"] = str(dst)
+    return fields
+
+
+def _path(fields, pos, stain="DNA"):
+    row = fields.iloc[pos]
+    return f"{row[f'PathName_Orig{stain}']}/{row[f'FileName_Orig{stain}']}"
+
+
+def test_extract_and_cache_hit(plate, tmp_path):
+    enc = CountingEncoder()
+    calls = []
+    res = extract_features(plate, enc, cache_dir=tmp_path / "cache", batch_size=3,
+                           progress=lambda d, n: calls.append((d, n)))
+    assert res.features.shape == (N_FIELDS, 5, enc.dim) and res.features.dtype == np.float32
+    assert res.index.tolist() == list(range(N_FIELDS)) and res.index.dtype == np.int64
+    assert res.skipped == [] and res.stains == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert enc.fields == N_FIELDS and enc.calls == 2 and res.n_encoded == N_FIELDS
+    assert calls[0] == (0, N_FIELDS) and calls[-1] == (N_FIELDS, N_FIELDS)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+    entries = list((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == N_FIELDS and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert (entries[0].parent.parent / "encoder.json").is_file()
+
+    res2 = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert enc.fields == N_FIELDS  # nothing re-encoded
+    assert res2.n_cached == N_FIELDS and res2.n_encoded == 0
+    np.testing.assert_array_equal(res2.features, res.features)
+
+    # same numbers as encoding directly
+    from napari_cellclip.images import load_field_normalized
+
+    x = torch.from_numpy(load_field_normalized(plate.iloc[1], res.stains))[None]
+    np.testing.assert_allclose(res.features[1], enc.encode(x)[0].numpy(), atol=1e-5)
+
+
+def test_cache_key_changes_with_encoder_and_content(plate, tmp_path):
+    stains = ["DNA", "ER", "RNA", "AGP", "Mito"]
+    row = plate.iloc[0]
+    k = field_cache_key(row, stains, "enc-a")
+    assert k == field_cache_key(row, stains, "enc-a")
+    assert k != field_cache_key(row, stains, "enc-b")
+    assert k != field_cache_key(row, stains[::-1], "enc-a")
+    assert k != field_cache_key(row, stains, "enc-a", low=2.0)
+
+    cache = tmp_path / "cache"
+    enc = CountingEncoder()
+    extract_features(plate, enc, cache_dir=cache)
+    other = CountingEncoder(size=96)  # other identity → all fields again
+    assert other.identity != enc.identity
+    extract_features(plate, other, cache_dir=cache)
+    assert other.fields == N_FIELDS
+
+    # change the pixels of one file → only that field is encoded again
+    p = _path(plate, 2)
+    img = np.array(Image.open(p))
+    img[:10, :10] = 255 - img[:10, :10]
+    Image.fromarray(img).save(p)
+    assert field_cache_key(plate.iloc[2], stains, enc.identity) != field_cache_key(row, stains, enc.identity)
+    before = enc.fields
+    res = extract_features(plate, enc, cache_dir=cache)
+    assert enc.fields - before == 1 and res.n_cached == N_FIELDS - 1
+
+
+def test_corrupt_field_is_skipped(plate, tmp_path):
+    p = _path(plate, 1, "RNA")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 3])  # truncated PNG
+    enc = CountingEncoder()
+    with pytest.warns(CellClipWarning, match=plate.iloc[1]["FileName_OrigRNA"]):
+        res = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert res.index.tolist() == [0, 2, 3]
+    assert [pos for pos, _ in res.skipped] == [1] and plate.iloc[1]["FileName_OrigRNA"] in res.skipped[0][1]
+    assert res.features.shape == (3, 5, enc.dim)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+
+    # a missing file is skipped the same way (the cache key cannot be computed)
+    import os
+
+    os.remove(_path(plate, 3, "Mito"))
+    with pytest.warns(CellClipWarning) as record:
+        res = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert any("file not found" in str(w.message) for w in record)
+    assert res.index.tolist() == [0, 2] and [pos for pos, _ in res.skipped] == [1, 3]
+
+
+def test_all_fields_corrupt_raises(plate, tmp_path):
+    for pos in range(N_FIELDS):
+        p = _path(plate, pos)
+        open(p, "wb").write(b"\x89PNG\r\n\x1a\nbroken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellClipWarning)
+        with pytest.raises(ImageReadError, match=f"none of the {N_FIELDS} fields could be read"):
+            extract_features(plate, CountingEncoder(), cache_dir=tmp_path / "cache")
+
+
+def test_cancel_leaves_only_complete_entries(plate, tmp_path):
+    enc = CountingEncoder()
+    seen = []
+
+    def stop():
+        return len(seen) >= 2  # after the first batch has been reported
+
+    with pytest.raises(Cancelled):
+        extract_features(plate, enc, cache_dir=tmp_path / "cache", batch_size=1,
+                         progress=lambda d, n: seen.append(d), should_stop=stop)
+    assert enc.fields == 1
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != "encoder.json"]
+    assert len(files) == 1 and files[0].suffix == ".npy"
+    assert np.load(files[0], allow_pickle=False).shape == (5, enc.dim)
+    # the next run picks up where it stopped
+    res = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert res.n_cached == 1 and enc.fields == N_FIELDS
+
+
+def test_corrupt_cache_entry_is_recomputed(plate, tmp_path):
+    enc = CountingEncoder()
+    ref = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    entry = sorted((tmp_path / "cache").rglob("*.npy"))[0]
+    entry.write_bytes(b"garbage")
+    res = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert res.n_encoded == 1
+    np.testing.assert_allclose(res.features, ref.features, atol=1e-6)
+
+
+def test_mixed_shapes_workers_and_no_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (h, w) in enumerate([(64, 64), (80, 96), (64, 64)]):
+        row = {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": i + 1}
+        for s in ("DNA", "ER"):
+            name = f"f{i}_{s}.png"
+            Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(tmp_path / name)
+            row[f"FileName_Orig{s}"], row[f"PathName_Orig{s}"] = name, str(tmp_path)
+        rows.append(row)
+    fields = pd.DataFrame(rows)
+    enc = CountingEncoder()
+    res = extract_features(fields, enc, batch_size=3, use_cache=False)
+    assert res.features.shape == (3, 2, enc.dim) and enc.calls == 2  # one call per shape group
+    res_w = extract_features(fields, CountingEncoder(), batch_size=2, num_workers=2, cache_dir=tmp_path / "c")
+    np.testing.assert_allclose(res_w.features, res.features, atol=1e-6)
+    assert res_w.index.tolist() == [0, 1, 2]
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_CELLCLIP_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("NAPARI_CELLCLIP_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "napari-cellclip" / "features"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir().parts[-3:] == (".cache", "napari-cellclip", "features")
