@@ -1,0 +1,151 @@
+"""Real-data measurement on the LINCS A549 plates (leave one plate out).
+
+1. Naive baseline (training/baseline.py): global per-channel intensity
+   descriptors → nearest centroid by perturbation, leave one plate out, with
+   and without per-plate DMSO centre-and-scale.
+2. CellCLIP with the offline defaults (morphology encoder, MiniLM text encoder,
+   CWCL) trained on SQ00015198 + SQ00015230 on CPU, evaluated on SQ00015231:
+   field- and well-level Recall@1 in both directions over the 3 prompts.
+
+    python benchmarks/lincs_eval.py [--data-root /work/shared/data/lincs-a549]
+        [--corrections center_scale none] [--epochs N] [--cache-dir DIR] [fit options...]
+
+Writes benchmarks/lincs_eval.json and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the repository's training/ package
+
+PLATES = ["SQ00015198", "SQ00015230", "SQ00015231"]
+TRAIN = ["SQ00015198", "SQ00015230"]
+TEST = "SQ00015231"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default="/work/shared/data/lincs-a549")
+    p.add_argument("--output", default=str(HERE / "lincs_eval.json"))
+    p.add_argument("--workdir", default=None, help="checkpoints go here (default: a temp dir)")
+    p.add_argument("--cache-dir", default=None,
+                   help="feature cache (default: a fresh temp dir, so the wall time includes extraction)")
+    p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--losses", nargs="+", default=["cwcl"])
+    p.add_argument("--holdouts", nargs="+", default=[TEST],
+                   help="held-out plates (each trained on the other two); 'all' = leave each plate out")
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fit", default="", help="extra fit options as JSON, e.g. '{\"epochs\": 80}'")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from training.baseline import run_baseline
+    from training.loop import evaluate, fit, load_fields
+
+    root = Path(a.data_root)
+    plate = lambda b: str(root / "images" / b)  # noqa: E731
+    platemap = str(root / "platemap")
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="lincs-eval-"))
+    cache = a.cache_dir or str(work / "feature-cache")
+    extra = json.loads(a.fit) if a.fit else {}
+    report = {"data": str(root), "train_plates": TRAIN, "test_plate": TEST, "device": a.device,
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "runs": []}
+
+    if not a.skip_baseline:
+        t0 = time.perf_counter()
+        fields = load_fields([plate(b) for b in TRAIN + [TEST]], platemap=platemap)
+        base = run_baseline(fields)
+        for k in ("without_correction", "with_center_scale"):
+            for pp in base[k]["per_plate"].values():
+                pp["well_predictions"] = {w: str(v) for w, v in pp["well_predictions"].items()}
+        base["seconds"] = round(time.perf_counter() - t0, 2)
+        report["baseline"] = base
+
+    holdouts = PLATES if a.holdouts == ["all"] else a.holdouts
+    for held, loss, corr, seed in [(h, lo, c, s) for h in holdouts for lo in a.losses
+                                   for c in a.corrections for s in a.seeds]:
+        train = [b for b in PLATES if b != held]
+        if True:
+            out = work / f"fit-{held}-{loss}-{corr}-s{seed}"
+            t0 = time.perf_counter()
+            summary = fit(data=[plate(b) for b in train], platemap=platemap, output=str(out),
+                          correction=corr, seed=seed, loss=loss, device=a.device, cache_dir=cache,
+                          no_progress=True, quiet=True, **extra)
+            t_fit = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rep = evaluate(out, [plate(held)], platemap=platemap, device=a.device, cache_dir=cache,
+                           quiet=True, no_progress=True)
+            t_eval = time.perf_counter() - t1
+            run = {"test_plate": held, "train_plates": train, "loss": loss, "correction": corr, "seed": seed, "fit_seconds": round(t_fit, 1),
+                   "fit_extract_seconds": summary["extract_seconds"],
+                   "train_seconds": summary["train_seconds"], "steps": summary["steps"],
+                   "evaluate_seconds": round(t_eval, 1), "wall_seconds": round(t_fit + t_eval, 1),
+                   "fit_options": {**extra}, "test": rep}
+            report["runs"].append(run)
+            _print_run(run)
+
+    if "baseline" in report:
+        b = report["baseline"]
+        for k in ("without_correction", "with_center_scale"):
+            x = b[k]
+            print(f"baseline {k:>20}: wells {x['wells_correct']}/{x['wells']}  "
+                  f"fields {x['fields_correct']}/{x['fields']} ({100 * x['field_accuracy']:.0f} %)")
+    report["summary"] = _summarise(report["runs"])
+    for row in report["summary"]:
+        print("mean over seeds/holdouts:", json.dumps(row))
+    Path(a.output).write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {a.output}")
+    return 0
+
+
+def _summarise(runs):
+    import numpy as np
+
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["loss"], r["correction"]), []).append(r)
+    rows = []
+    for (loss, corr), rs in groups.items():
+        row = {"loss": loss, "correction": corr, "runs": len(rs),
+               "test_plates": sorted({r["test_plate"] for r in rs})}
+        for lvl in ("field", "well"):
+            for d in ("image_to_text", "text_to_image"):
+                v = [r["test"][lvl][d]["R@1"] for r in rs]
+                row[f"{lvl}_{d}_R@1_mean"] = round(float(np.mean(v)), 3)
+                row[f"{lvl}_{d}_R@1_min"] = round(float(np.min(v)), 3)
+        # well-level zero-shot: correct wells out of all held-out wells (comparable to the baseline)
+        row["wells_correct"] = int(sum(round(r["test"]["well"]["image_to_text"]["R@1"] * r["test"]["n_wells"])
+                                       for r in rs))
+        row["wells"] = int(sum(r["test"]["n_wells"] for r in rs))
+        row["fields_correct"] = int(sum(round(r["test"]["field"]["image_to_text"]["R@1"] * r["test"]["n_fields"])
+                                        for r in rs))
+        row["fields"] = int(sum(r["test"]["n_fields"] for r in rs))
+        rows.append(row)
+    return rows
+
+
+def _print_run(run):
+    t = run["test"]
+    cells = []
+    for lvl in ("field", "well"):
+        for d, short in (("image_to_text", "i→t"), ("text_to_image", "t→i")):
+            r = t[lvl][d]
+            cells.append(f"{lvl} {short} R@1 {r['R@1']:.2f} ({r['n_queries']})")
+    print(f"CellCLIP test={run['test_plate']} loss={run['loss']:<6} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
+          + f" | wall {run['wall_seconds']:.0f}s (fit {run['fit_seconds']:.0f}s, "
+          f"extract {run['fit_extract_seconds']:.0f}s, train {run['train_seconds']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

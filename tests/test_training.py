@@ -1,0 +1,241 @@
+"""training/: prompt-distinct batching, metrics, CLI errors, fit/resume, default sample run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_cellclip.errors import CellClipError, CellClipWarning
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dim=32, vision_layers=1, vision_heads=4, quiet=True, no_progress=True)
+
+
+def _env(cache):
+    env = dict(os.environ)
+    env["NAPARI_CELLCLIP_CACHE"] = str(cache)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+# ----------------------------------------------------------------------- sampler
+def test_distinct_prompt_batches_cover_every_well_once():
+    from training.data import DistinctPromptBatchSampler, n_batches
+
+    rng = np.random.default_rng(0)
+    pids = rng.choice(6, size=57, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    s = DistinctPromptBatchSampler(pids, 4, seed=1)
+    for epoch in range(3):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) == n_batches(pids, 4)
+        seen = np.concatenate(batches)
+        assert sorted(seen.tolist()) == list(range(len(pids)))  # every well exactly once
+        for b in batches:
+            assert len(set(pids[b].tolist())) == len(b)  # no prompt twice in a batch
+            assert 1 <= len(b) <= 4
+        sizes = [len(b) for b in batches]
+        assert max(sizes) - min(sizes) <= 1  # balanced
+    s.set_epoch(0)
+    e0 = [b.tolist() for b in s]
+    s.set_epoch(1)
+    assert [b.tolist() for b in s] != e0  # reshuffled per epoch
+    s.set_epoch(0, start=2)
+    assert [b.tolist() for b in s] == e0[2:]  # resumable mid-epoch
+
+
+def test_batch_size_capped_at_distinct_prompts_and_ddp_shards():
+    from training.data import DistinctPromptBatchSampler
+
+    pids = np.array([0, 0, 0, 0, 1, 1, 2, 2])  # LINCS-like: DMSO in half the wells
+    with pytest.warns(CellClipWarning, match="capped at 3"):
+        s = DistinctPromptBatchSampler(pids, 64)
+    assert s.batch_size == 3
+    assert [len(b) for b in s] == [2, 2, 2, 2]
+    shards = [DistinctPromptBatchSampler(pids, 1, seed=5, rank=r, world_size=2, warn=False) for r in (0, 1)]
+    glob = shards[0].global_batches(0)
+    per = [list(sh) for sh in shards]
+    assert len(per[0]) == len(per[1]) == len(glob)
+    for g, a, b in zip(glob, *per):
+        assert len(a) == len(b)
+        assert sorted(np.concatenate([a, b]).tolist()) == sorted(g.tolist())
+        assert len(set(pids[g].tolist())) == len(g)
+
+
+def test_well_bags_and_random_subsets():
+    from training.data import build_well_bags
+
+    fields = pd.DataFrame({
+        "Metadata_Plate": ["P"] * 7, "Metadata_Well": ["A01"] * 3 + ["B02"] * 4,
+        "Metadata_prompt": ["dmso"] * 3 + ["drug"] * 4})
+    feats = np.arange(7 * 2 * 3, dtype=np.float32).reshape(7, 2, 3) + 1
+    wb = build_well_bags(feats, fields)
+    assert wb.bag_index.tolist() == [[0, 1, 2, -1], [3, 4, 5, 6]]
+    bags = wb.gather(np.array([0, 1]))
+    assert bags.shape == (2, 4, 2, 3)
+    assert not bags[0, 3].any() and np.array_equal(bags[1, 3], feats[6])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sub = wb.gather_subsets(np.array([0, 1]), rng, 1, 2)
+        real = sub.reshape(2, 4, -1).any(-1).sum(1)
+        assert ((real >= 1) & (real <= 2)).all()
+        for i, w in enumerate((0, 1)):  # only fields of that well
+            rows = {tuple(r.ravel()) for r in feats[wb.bag_index[w][wb.bag_index[w] >= 0]]}
+            assert all(tuple(r.ravel()) in rows for r in sub[i] if r.any())
+    with pytest.raises(CellClipError, match="no prompts|prompt"):
+        build_well_bags(feats, fields.drop(columns="Metadata_prompt"))
+
+
+# ----------------------------------------------------------------------- metrics
+def test_retrieval_metrics_hand_computed():
+    from training.evaluate import retrieval_metrics
+
+    text = np.eye(3)
+    # 4 images; labels 0,0,1,2
+    img = np.array([[1.0, 0.1, 0.0],    # label 0: ranks prompt 0 first          -> i2t rank 1
+                    [0.2, 0.9, 0.0],    # label 0: prompt 1 first, 0 second       -> rank 2
+                    [0.0, 1.0, 0.5],    # label 1: rank 1
+                    [0.9, 0.0, 0.3]])   # label 2: prompts 0 then 2               -> rank 2
+    r = retrieval_metrics(img, text, np.array([0, 0, 1, 2]))
+    i2t = r["image_to_text"]
+    assert i2t["R@1"] == pytest.approx(0.5) and i2t["R@5"] == 1.0
+    assert i2t["mean_rank"] == pytest.approx((1 + 2 + 1 + 2) / 4)
+    # text->image (cosine): prompt 0 best image = #0 (rank 1); prompt 1: image #2 (1.0/1.118=.894)
+    # vs image #1 (.9/.922=.976, a label-0 image) -> rank 2; prompt 2: image #3 (.3/.949=.316)
+    # vs image #2 (.5/1.118=.447) -> rank 2
+    t2i = r["text_to_image"]
+    assert t2i["n_queries"] == 3
+    assert t2i["R@1"] == pytest.approx(1 / 3)
+    assert t2i["mean_rank"] == pytest.approx((1 + 2 + 2) / 3)
+    # ties count against the query: constant scores give no credit
+    flat = retrieval_metrics(np.ones((4, 3)), text + 1, np.array([0, 0, 1, 2]))
+    assert flat["image_to_text"]["R@1"] == 0.0
+
+
+# ----------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("argv, message", [
+    (["fit", "--data", "/no/such/plate"], "/no/such/plate"),
+    (["fit", "--val-plate", "NOPE"], "NOPE"),
+    (["fit", "--encoder", "resnet-from-mars", "--cache-dir", "{cache}"], "resnet-from-mars"),
+    (["fit", "--data", "{plate}", "--cache-dir", "{cache}"], "prompt"),
+    (["evaluate", "--checkpoint", "/no/such/ckpt"], "/no/such/ckpt"),
+])
+def test_cli_user_mistakes_exit_2(argv, message, capsys, cellclip_cache_dir):
+    from napari_cellclip.sample import sample_plate_dir
+    from training.__main__ import main
+
+    argv = [a.format(cache=cellclip_cache_dir, plate=sample_plate_dir()) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_subprocess_error_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "training", "fit", "--data", str(tmp_path / "missing")],
+                       capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path), timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: no such plate folder or manifest"]
+
+
+# ----------------------------------------------------------------------- fit / resume
+def _weights(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path, cellclip_cache_dir):
+    from training.loop import fit
+
+    kw = dict(TINY, epochs=3, cache_dir=str(cellclip_cache_dir), bag_min_fields=1, bag_max_fields=2,
+              lr=1e-3, warmup=2, seed=3)
+    full = fit(output=str(tmp_path / "full"), **kw)
+    assert full["steps"] == 6 and not full["stopped_early"]
+    part = fit(output=str(tmp_path / "part"), stop_after_steps=3, **kw)
+    assert part["stopped_early"] and part["steps"] == 3
+    assert not (tmp_path / "part" / "model").exists()
+    assert (tmp_path / "part" / "checkpoints" / "latest").read_text() == "checkpoint-0000003"
+    resumed = fit(output=str(tmp_path / "part"), resume=True, **kw)
+    assert resumed["steps"] == 6
+    a, b = _weights(tmp_path / "full" / "model"), _weights(tmp_path / "part" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+    metrics = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+
+
+def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir):
+    """Two copies of the sample plate (the second renamed) → train on one, validate on the other."""
+    from napari_cellclip.model import CellCLIP
+    from napari_cellclip.sample import sample_plate_dir, sample_platemap_dir
+    from training.loop import evaluate, fit
+
+    src = pd.read_csv(sample_plate_dir() / "load_data.csv")
+    plates = []
+    for name in ("SQ00015198", "SQ00015230"):
+        d = tmp_path / name
+        d.mkdir()
+        t = src.copy()
+        t["Metadata_Plate"] = name
+        for col in [c for c in t.columns if c.startswith("PathName_")]:
+            t[col] = str(sample_plate_dir())
+        t.to_csv(d / "load_data.csv", index=False)
+        plates.append(str(d / "load_data.csv"))
+    out = tmp_path / "run"
+    s = fit(data=plates, platemap=str(sample_platemap_dir()), val_plate=["SQ00015230"], output=str(out),
+            epochs=2, correction="tvn", cache_dir=str(cellclip_cache_dir), **TINY)
+    assert set(s["val"]) == {"field", "well"}
+    rep = json.loads((out / "val_report.json").read_text())
+    assert rep["plates"] == ["SQ00015230"] and rep["feature_correction"]["method"] == "tvn"
+    assert rep["well"]["image_to_text"]["n_queries"] == 4 and rep["field"]["image_to_text"]["n_queries"] == 12
+    model = CellCLIP.from_pretrained(out / "model")
+    assert model.config.feature_correction["method"] == "tvn"
+    assert "feature_correction.whiten" in model.extra_tensors
+    assert model.config.training["val_plates"] == ["SQ00015230"]
+    rep2 = evaluate(out, [plates[1]], platemap=str(sample_platemap_dir()), cache_dir=str(cellclip_cache_dir),
+                    quiet=True, no_progress=True)
+    assert rep2["well"]["image_to_text"]["R@1"] == rep["well"]["image_to_text"]["R@1"]
+    assert rep2["feature_correction"]["method"] == "tvn"
+
+
+def test_default_fit_on_the_sample_writes_a_loadable_checkpoint(tmp_path, cellclip_cache_dir):
+    """`python -m training fit` with nothing but a short epoch count, as in the README demo."""
+    p = subprocess.run([sys.executable, "-m", "training", "fit", "--epochs", "1", "--no-progress"],
+                       capture_output=True, text=True, cwd=tmp_path, env=_env(cellclip_cache_dir), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "checkpoints" / "cellclip-lincs-sample"
+    from napari_cellclip.model import CellCLIP
+
+    model = CellCLIP.from_pretrained(out / "model")
+    cfg = model.config
+    assert cfg.stains == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert cfg.image_encoder == "morphology" and cfg.loss == "cwcl"
+    assert cfg.feature_correction["method"] == "tvn"  # the default: per-plate DMSO centre-scale + TVN
+    assert "feature_correction.whiten" in model.extra_tensors
+    assert cfg.training["epochs"] == 1 and cfg.text_tuning == "frozen"
+    assert (out / "checkpoints" / "latest").is_file()
+    assert (out / "metrics.jsonl").is_file()
+    emb = model.encode_prompts(["A549 cells treated with compound: lonafarnib"])
+    assert emb.shape == (1, cfg.embed_dim)
+
+
+def test_extract_subcommand_caches_features(tmp_path, cellclip_cache_dir, capsys):
+    from training.__main__ import main
+
+    npz = tmp_path / "feats.npz"
+    assert main(["extract", "--cache-dir", str(cellclip_cache_dir), "--output", str(npz), "--no-progress"]) == 0
+    with np.load(npz, allow_pickle=False) as z:
+        assert z["features"].shape[:2] == (12, 5) and z["features"].dtype == np.float32
+        assert sorted(set(z["well"].tolist())) == ["A01", "A13", "J18", "P13"]
+    assert json.loads(capsys.readouterr().out)["fields"] == 12
