@@ -8,9 +8,9 @@ level searched*: a field row for ``level="field"``, a row of ``store.well_level(
 ``level="well"``) · then the store's ``Metadata_*`` columns (plate, well, site,
 perturbation, MoA, prompt, ...).
 
-Search is an exact matrix product (:class:`ExactSearcher`).  :func:`get_searcher` is
-the seam where an approximate index (FAISS, above a size threshold) can be plugged in
-later without changing callers.
+Search is an exact matrix product (:class:`ExactSearcher`) below
+:data:`ANN_THRESHOLD` rows and a FAISS IVF index (:mod:`napari_cellclip.ann`) above it;
+:func:`get_searcher` picks one.
 
 torch is imported only inside :func:`text_query` / :func:`zero_shot` (they run the model).
 """
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import pandas as pd
 
+from . import ann as _ann
 from .errors import QueryError
 from .store import EmbeddingStore, l2_normalize, metadata_columns
 
@@ -36,6 +37,7 @@ __all__ = [
     "Searcher",
     "ExactSearcher",
     "get_searcher",
+    "ANN_THRESHOLD",
     "rank",
     "text_query",
     "image_query",
@@ -93,19 +95,28 @@ class ExactSearcher:
         return np.take_along_axis(s, rows, axis=1), rows
 
 
-#: Stores larger than this may use an approximate index once one is available (issue 5).
-ANN_THRESHOLD = 200_000
+#: Stores with at least this many rows are searched with the FAISS ANN index (issue 5);
+#: smaller ones exactly.  See :mod:`napari_cellclip.ann`.
+ANN_THRESHOLD = _ann.ANN_THRESHOLD
 
 
-def get_searcher(store: EmbeddingStore) -> Searcher:
+def get_searcher(store: EmbeddingStore, *, exact: bool = False) -> Searcher:
     """The searcher for ``store`` (built once, cached on the store).
 
-    Currently always :class:`ExactSearcher`; an ANN index will be returned here for
-    stores above :data:`ANN_THRESHOLD` rows.
+    :class:`ExactSearcher` below :data:`ANN_THRESHOLD` rows (or with ``exact=True``);
+    above it an :class:`napari_cellclip.ann.AnnIndex` — loaded memory-mapped from the
+    store's folder when the embedding pipeline built one alongside the embeddings,
+    else built on first use — when faiss is installed.
     """
+    if exact:
+        return ExactSearcher(store.embeddings)
     s = getattr(store, "_searcher", None)
     if s is None or getattr(s, "_source", None) is not store.embeddings:
-        s = ExactSearcher(store.embeddings)
+        s = None
+        if len(store) >= _ann.ANN_THRESHOLD:
+            s = _ann.searcher_for_store(store)
+        if s is None:
+            s = ExactSearcher(store.embeddings)
         s._source = store.embeddings  # rebuilt if the store's array is replaced
         store._searcher = s
     return s
@@ -255,12 +266,48 @@ def encode_text_queries(model: CellCLIP, texts: Sequence[str], *, batch_size: in
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _query_threads(model, len(texts)):
             out = model.encode_prompts(texts, batch_size=batch_size)
     finally:
         if was_training:
             model.train()
     return l2_normalize(_to_numpy(out))
+
+
+#: intra-op threads for encoding a handful of prompts on the CPU (env
+#: NAPARI_CELLCLIP_QUERY_THREADS overrides; 0 = leave torch's setting).  One short prompt
+#: is ~1 GFLOP: spreading it over several OpenMP threads gains little, and on a busy
+#: machine their spin-waits made it 10-20x slower (benchmarks/RESULTS.md, row 4).
+QUERY_THREADS = int(os.environ.get("NAPARI_CELLCLIP_QUERY_THREADS", "1") or 0)
+_THREADS_LOCK = __import__("threading").Lock()
+
+
+class _query_threads:
+    def __init__(self, model, n_texts: int) -> None:
+        self.active = False
+        try:
+            dev = next(model.parameters()).device.type
+        except (StopIteration, AttributeError, TypeError):
+            dev = "cpu"
+        self.want = QUERY_THREADS if (QUERY_THREADS > 0 and n_texts <= 8 and dev == "cpu") else 0
+
+    def __enter__(self):
+        import torch
+
+        if self.want and _THREADS_LOCK.acquire(blocking=False):
+            self.active, self.old = True, torch.get_num_threads()
+            if self.old > self.want:
+                torch.set_num_threads(self.want)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.active:
+            if torch.get_num_threads() != self.old:
+                torch.set_num_threads(self.old)
+            _THREADS_LOCK.release()
+        return False
 
 
 def _check_model_matches(model, store: EmbeddingStore) -> None:

