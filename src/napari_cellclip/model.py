@@ -30,9 +30,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from napari_cellclip._fsutil import atomic_dir
 from napari_cellclip.errors import CheckpointError, QueryError
 
 __all__ = [
@@ -697,10 +695,7 @@ class CellCLIP(nn.Module):
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{path} exists and is not a folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            os.chmod(tmp, 0o755)
+        with atomic_dir(path) as tmp:
             tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
             for name, t in self.extra_tensors.items():
                 if not torch.is_tensor(t):
@@ -716,16 +711,6 @@ class CellCLIP(nn.Module):
             for p in list(text_dir.iterdir()):  # tokenizers may write this; keep weights single-sourced
                 if p.name in ("pytorch_model.bin", "model.safetensors"):
                     p.unlink()
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -60,12 +60,12 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .errors import CellClipError, CellClipWarning, ImageReadError, PlateError
+from .errors import CellClipError, CellClipWarning, PlateError
 
 __all__ = ["run_job", "read_fields", "FieldPrep", "field_prep_for", "dist_env", "main",
            "fast_percentiles", "DEFAULT_SHARD_SIZE"]
@@ -466,7 +466,7 @@ def run_job(
     from . import ann as ann_mod
     from .embed import _correction_spec, check_stains, embed_features, load_model, model_identity
     from .store import (_EMB_FILE, _FIELDS_FILE, _META_FILE, FORMAT_NAME, FORMAT_VERSION,
-                        _fields_for_parquet, _jsonable, cache_key)
+                        parquet_safe, _jsonable, cache_key)
 
     t_start = time.perf_counter()
     rank, world, local_rank = dist_env()
@@ -541,7 +541,7 @@ def run_job(
         (out / _FEAT_DIR).mkdir(parents=True, exist_ok=True)
         (out / _EMB_DIR).mkdir(parents=True, exist_ok=True)
         if not jf.is_file():
-            _fields_for_parquet(job).to_parquet(out / _JOB_FIELDS, index=False)
+            parquet_safe(job).to_parquet(out / _JOB_FIELDS, index=False)
             _atomic_write_text(jf, json.dumps(_jsonable(job_meta), indent=1))
         (out / _META_FILE).unlink(missing_ok=True)  # the store is complete only after the merge
     else:
@@ -667,7 +667,7 @@ def run_job(
         skipped += json.loads(_shard_paths(out, "features", s)[2].read_text()).get("skipped", [])
     fields_out = job.iloc[all_rows].reset_index(drop=True)
     tmp_f = out / f".{_FIELDS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    _fields_for_parquet(fields_out).to_parquet(tmp_f, index=False)
+    parquet_safe(fields_out).to_parquet(tmp_f, index=False)
     os.replace(tmp_emb, out / _EMB_FILE)
     os.replace(tmp_f, out / _FIELDS_FILE)
     info = {"image_encoder": job_meta["image_encoder"], "encoder_identity": encoder.identity,

@@ -31,7 +31,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
 from .errors import CellClipWarning, PlateError

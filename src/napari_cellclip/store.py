@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._fsutil import atomic_dir
 from .errors import CellClipError, MetadataError
 
 __all__ = [
@@ -215,6 +214,14 @@ class EmbeddingStore:
             parts.append(pd.DataFrame(coords, columns=list(coord_names)))
         return pd.concat(parts, axis=1)
 
+    def export_parquet(self, path, coords: np.ndarray | None = None, *,
+                       coord_names=("UMAP_1", "UMAP_2")) -> Path:
+        """Write :meth:`to_frame` (metadata + embeddings + optional map coordinates) to parquet."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parquet_safe(self.to_frame(coords, coord_names=coord_names)).to_parquet(path, index=False)
+        return path
+
     # --------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``embeddings.npy`` + ``fields.parquet`` + ``store.json`` into folder ``path``.
@@ -224,12 +231,9 @@ class EmbeddingStore:
         Returns the folder.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(path) as tmp:
             np.save(tmp / _EMB_FILE, self.embeddings, allow_pickle=False)
-            _fields_for_parquet(self.fields).to_parquet(tmp / _FIELDS_FILE, index=False)
+            parquet_safe(self.fields).to_parquet(tmp / _FIELDS_FILE, index=False)
             meta = {
                 "format": FORMAT_NAME,
                 "version": FORMAT_VERSION,
@@ -240,16 +244,6 @@ class EmbeddingStore:
                 "info": _jsonable(self.info),
             }
             (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod
@@ -359,8 +353,8 @@ def _key_str(v: Any) -> str:
     return repr(v.item() if isinstance(v, np.generic) else v)
 
 
-def _fields_for_parquet(df: pd.DataFrame) -> pd.DataFrame:
-    """Make a fields table parquet-safe: mixed-type object columns become strings."""
+def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """A parquet-safe copy of a table: mixed-type object columns (e.g. doses given as numbers and text) become strings."""
     out = df.copy()
     out.columns = [str(c) for c in out.columns]
     for c in out.columns:

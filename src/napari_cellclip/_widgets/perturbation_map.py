@@ -505,27 +505,27 @@ class PerturbationMapWidget(QWidget):
         self.view.select_indices(indices)
 
     # -------------------------------------------------------------------- export
+    def _coord_names(self) -> tuple[str, str]:
+        return ("UMAP_1", "UMAP_2") if self.method_used == "umap" else ("PCA_1", "PCA_2")
+
     def to_frame(self) -> "pd.DataFrame | None":
         """Embeddings + ``Metadata_*`` + map coordinates (``UMAP_1/2`` or ``PCA_1/2``) of the points."""
         if self.map_store is None or self.coords is None:
             return None
-        names = ("UMAP_1", "UMAP_2") if self.method_used == "umap" else ("PCA_1", "PCA_2")
-        return self.map_store.to_frame(self.coords, coord_names=names)
+        return self.map_store.to_frame(self.coords, coord_names=self._coord_names())
 
     def export_parquet(self, path) -> Path | None:
         """Write :meth:`to_frame` to parquet at ``path``."""
-        df = self.to_frame()
-        if df is None:
+        if self.map_store is None or self.coords is None:
             _notify.error("No map yet: compute the map first")
             return None
         path = Path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _parquet_safe(df).to_parquet(path, index=False)
+            self.map_store.export_parquet(path, self.coords, coord_names=self._coord_names())
         except Exception as exc:  # noqa: BLE001
             _notify.error(f"could not write {path}: {exc}")
             return None
-        _notify.info(f"Wrote {len(df)} rows to {path}")
+        _notify.info(f"Wrote {len(self.map_store)} rows to {path}")
         return path
 
     def _export_dialog(self) -> None:
@@ -539,15 +539,3 @@ class PerturbationMapWidget(QWidget):
 
 def _html(s: str) -> str:
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _parquet_safe(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Object columns mixing types (e.g. a dose column with numbers and text) become strings."""
-    out = df.copy()
-    for c in out.columns:
-        s = out[c]
-        if s.dtype == object:
-            kinds = {type(v) for v in s if v is not None and not (isinstance(v, float) and np.isnan(v))}
-            if len(kinds) > 1 or (kinds and not kinds <= {str, bool, int, float}):
-                out[c] = s.map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    return out
