@@ -4,13 +4,24 @@
    descriptors → nearest centroid by perturbation, leave one plate out, with
    and without per-plate DMSO centre-and-scale.
 2. CellCLIP with the offline defaults (morphology encoder, MiniLM text encoder,
-   CWCL) trained on SQ00015198 + SQ00015230 on CPU, evaluated on SQ00015231:
-   field- and well-level Recall@1 in both directions over the 3 prompts.
+   CWCL, multi-positive batching, TVN; training.loop.FIT_DEFAULTS) trained on
+   SQ00015198 + SQ00015230 on CPU, evaluated on SQ00015231: field- and
+   well-level Recall@1 in both directions over the 3 prompts, for every
+   combination of --holdouts x --losses x --batchings x --corrections x --seeds.
 
     python benchmarks/lincs_eval.py [--data-root /work/shared/data/lincs-a549]
-        [--corrections center_scale none] [--epochs N] [--cache-dir DIR] [fit options...]
+        [--output benchmarks/lincs_eval.json] [--workdir DIR] [--cache-dir DIR]
+        [--holdouts SQ00015231 | all] [--losses cwcl siglip clip]
+        [--batchings multipositive distinct] [--corrections tvn center_scale none]
+        [--seeds 0 1 2] [--skip-baseline] [--device cpu] [--fit '{"epochs": 240}']
 
-Writes benchmarks/lincs_eval.json and prints a summary table.
+The file in the repository was written by
+
+    python benchmarks/lincs_eval.py --seeds 0 1 2 --corrections tvn \
+        --losses cwcl siglip --batchings multipositive distinct
+
+(the first summary row, cwcl + multipositive + tvn, is the default).
+Writes --output (default benchmarks/lincs_eval.json) and prints a summary table.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--losses", nargs="+", default=["cwcl"])
+    p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"])
     p.add_argument("--holdouts", nargs="+", default=[TEST],
                    help="held-out plates (each trained on the other two); 'all' = leave each plate out")
     p.add_argument("--skip-baseline", action="store_true")
@@ -73,21 +85,22 @@ def main(argv=None) -> int:
         report["baseline"] = base
 
     holdouts = PLATES if a.holdouts == ["all"] else a.holdouts
-    for held, loss, corr, seed in [(h, lo, c, s) for h in holdouts for lo in a.losses
-                                   for c in a.corrections for s in a.seeds]:
+    for held, loss, batching, corr, seed in [(h, lo, b, c, s) for h in holdouts for lo in a.losses
+                                             for b in a.batchings for c in a.corrections for s in a.seeds]:
         train = [b for b in PLATES if b != held]
         if True:
-            out = work / f"fit-{held}-{loss}-{corr}-s{seed}"
+            out = work / f"fit-{held}-{loss}-{batching}-{corr}-s{seed}"
             t0 = time.perf_counter()
             summary = fit(data=[plate(b) for b in train], platemap=platemap, output=str(out),
-                          correction=corr, seed=seed, loss=loss, device=a.device, cache_dir=cache,
+                          correction=corr, seed=seed, loss=loss, batching=batching, device=a.device,
+                          cache_dir=cache,
                           no_progress=True, quiet=True, **extra)
             t_fit = time.perf_counter() - t0
             t1 = time.perf_counter()
             rep = evaluate(out, [plate(held)], platemap=platemap, device=a.device, cache_dir=cache,
                            quiet=True, no_progress=True)
             t_eval = time.perf_counter() - t1
-            run = {"test_plate": held, "train_plates": train, "loss": loss, "correction": corr, "seed": seed, "fit_seconds": round(t_fit, 1),
+            run = {"test_plate": held, "train_plates": train, "loss": loss, "batching": batching, "correction": corr, "seed": seed, "fit_seconds": round(t_fit, 1),
                    "fit_extract_seconds": summary["extract_seconds"],
                    "train_seconds": summary["train_seconds"], "steps": summary["steps"],
                    "evaluate_seconds": round(t_eval, 1), "wall_seconds": round(t_fit + t_eval, 1),
@@ -114,16 +127,18 @@ def _summarise(runs):
 
     groups = {}
     for r in runs:
-        groups.setdefault((r["loss"], r["correction"]), []).append(r)
+        groups.setdefault((r["loss"], r["batching"], r["correction"]), []).append(r)
     rows = []
-    for (loss, corr), rs in groups.items():
-        row = {"loss": loss, "correction": corr, "runs": len(rs),
+    for (loss, batching, corr), rs in groups.items():
+        row = {"loss": loss, "batching": batching, "correction": corr, "runs": len(rs),
                "test_plates": sorted({r["test_plate"] for r in rs})}
         for lvl in ("field", "well"):
             for d in ("image_to_text", "text_to_image"):
                 v = [r["test"][lvl][d]["R@1"] for r in rs]
                 row[f"{lvl}_{d}_R@1_mean"] = round(float(np.mean(v)), 3)
                 row[f"{lvl}_{d}_R@1_min"] = round(float(np.min(v)), 3)
+        row["runs_with_well_image_to_text_R@1_1"] = int(sum(r["test"]["well"]["image_to_text"]["R@1"] == 1.0
+                                                            for r in rs))
         # well-level zero-shot: correct wells out of all held-out wells (comparable to the baseline)
         row["wells_correct"] = int(sum(round(r["test"]["well"]["image_to_text"]["R@1"] * r["test"]["n_wells"])
                                        for r in rs))
@@ -142,7 +157,7 @@ def _print_run(run):
         for d, short in (("image_to_text", "i→t"), ("text_to_image", "t→i")):
             r = t[lvl][d]
             cells.append(f"{lvl} {short} R@1 {r['R@1']:.2f} ({r['n_queries']})")
-    print(f"CellCLIP test={run['test_plate']} loss={run['loss']:<6} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
+    print(f"CellCLIP test={run['test_plate']} loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
           + f" | wall {run['wall_seconds']:.0f}s (fit {run['fit_seconds']:.0f}s, "
           f"extract {run['fit_extract_seconds']:.0f}s, train {run['train_seconds']:.0f}s)", flush=True)
 

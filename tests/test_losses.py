@@ -26,21 +26,40 @@ def _cos(a, b):
     return float(a @ b) / (math.sqrt(float(a @ a)) * math.sqrt(float(b @ b)))
 
 
-def _logits(img, txt, log_scale):
+def _groups(labels, n):
+    """Distinct labels (sorted) and, per distinct label, the batch positions holding it."""
+    labels = list(range(n)) if labels is None else list(labels)
+    uniq = sorted(set(labels))
+    return labels, uniq, [[i for i in range(n) if labels[i] == u] for u in uniq]
+
+
+def _texts(txt, groups):
+    """One unit text per distinct label: the normalised mean of its samples' unit texts."""
+    out = []
+    for g in groups:
+        v = sum(txt[j] / math.sqrt(float(txt[j] @ txt[j])) for j in g)
+        out.append(v)
+    return out
+
+
+def _logits(img, txt, log_scale, labels=None):
+    """[image i][distinct prompt u] = s cos(image_i, text_u)."""
     s = math.exp(min(log_scale, LN100))
     n = img.shape[0]
-    return [[s * _cos(img[i], txt[j]) for j in range(n)] for i in range(n)]  # [image i][text j]
+    labels, uniq, groups = _groups(labels, n)
+    t = _texts(txt, groups)
+    return [[s * _cos(img[i], t[u]) for u in range(len(uniq))] for i in range(n)]
 
 
-def _targets(labels, n):
-    if labels is None:
-        return [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
-    t = []
-    for i in range(n):
-        row = [1.0 if labels[i] == labels[j] else 0.0 for j in range(n)]
-        tot = sum(row)
-        t.append([r / tot for r in row])
-    return t
+def _i2t_targets(labels, n):
+    labels, uniq, _ = _groups(labels, n)
+    return [[1.0 if labels[i] == u else 0.0 for u in uniq] for i in range(n)]
+
+
+def _t2i_targets(labels, n):
+    """[prompt u][image j]: uniform over the images with label u."""
+    _, uniq, groups = _groups(labels, n)
+    return [[1.0 / len(groups[k]) if j in groups[k] else 0.0 for j in range(n)] for k in range(len(uniq))]
 
 
 def _soft_ce_rows(rows, targets):
@@ -48,7 +67,7 @@ def _soft_ce_rows(rows, targets):
     total = 0.0
     for i in range(n):
         lse = math.log(sum(math.exp(v) for v in rows[i]))
-        for j in range(n):
+        for j in range(len(rows[i])):
             total -= targets[i][j] * (rows[i][j] - lse)
     return total / n
 
@@ -58,36 +77,38 @@ def _transpose(m):
 
 
 def ref_clip(img, txt, log_scale, labels=None):
-    lg = _logits(img, txt, log_scale)
-    t = _targets(labels, len(lg))
-    return (_soft_ce_rows(lg, t) + _soft_ce_rows(_transpose(lg), t)) / 2
+    n = img.shape[0]
+    lg = _logits(img, txt, log_scale, labels)
+    return (_soft_ce_rows(lg, _i2t_targets(labels, n)) + _soft_ce_rows(_transpose(lg), _t2i_targets(labels, n))) / 2
 
 
 def ref_cwcl(img, txt, feats, log_scale, labels=None):
-    lg = _logits(img, txt, log_scale)
     n, C = feats.shape[0], feats.shape[1]
-    t = _targets(labels, n)
-    loss_cl = _soft_ce_rows(_transpose(lg), t)  # text -> image
+    lg = _logits(img, txt, log_scale, labels)
+    loss_cl = _soft_ce_rows(_transpose(lg), _t2i_targets(labels, n))  # text -> image
+    lab, uniq, groups = _groups(labels, n)
     w = []
     for i in range(n):
-        row = []
-        for j in range(n):
-            row.append(sum(_cos(feats[i, c], feats[j, c]) / 2 + 0.5 for c in range(C)) / C)
+        # pairwise weights, the maximum (1) for samples sharing i's label
+        pair = [1.0 if lab[i] == lab[j] else sum(_cos(feats[i, c], feats[j, c]) / 2 + 0.5 for c in range(C)) / C
+                for j in range(n)]
+        pair = [p / sum(pair) for p in pair]
+        row = [sum(pair[j] for j in g) for g in groups]  # summed per distinct prompt
         tot = sum(row)
         w.append([r / tot for r in row])
-    loss_cwcl = _soft_ce_rows(lg, w)  # image -> text, continuous weights
+    loss_cwcl = _soft_ce_rows(lg, w)  # image -> distinct prompts, continuous weights
     return loss_cl + loss_cwcl
 
 
 def ref_siglip(img, txt, log_scale, bias, labels=None):
-    lg = _logits(img, txt, log_scale)
-    n = len(lg)
+    n = img.shape[0]
+    lg = _logits(img, txt, log_scale, labels)
+    pos = _i2t_targets(labels, n)
     total = 0.0
     for i in range(n):
-        for j in range(n):
-            pos = (i == j) if labels is None else (labels[i] == labels[j])
-            z = 1.0 if pos else -1.0
-            total -= math.log(1.0 / (1.0 + math.exp(-z * (lg[i][j] + bias))))
+        for u in range(len(lg[i])):
+            z = 1.0 if pos[i][u] else -1.0
+            total -= math.log(1.0 / (1.0 + math.exp(-z * (lg[i][u] + bias))))
     return total / n
 
 
@@ -229,3 +250,48 @@ def test_gather_ddp_uneven(tmp_path):
 def test_module_exports():
     for name in ("clip_loss", "cwcl_loss", "siglip_loss", "gather_features"):
         assert hasattr(losses, name)
+
+
+def test_repeated_prompts_are_positives_both_directions():
+    """Same-label samples: one text candidate, positives of each other (multi-positive batching)."""
+    img, txt, feats = _data(n=6)
+    lab = torch.tensor([0, 1, 0, 2, 1, 0])
+    s = torch.tensor(2.0, dtype=torch.float64)
+    b = torch.tensor(-1.0, dtype=torch.float64)
+    same_txt = txt.clone()
+    same_txt[2] = same_txt[0]
+    same_txt[5] = same_txt[0]
+    same_txt[4] = same_txt[1]
+    fns = [lambda t, f=feats: cwcl_loss(img, t, f, s, labels=lab),
+           lambda t: clip_loss(img, t, s, labels=lab),
+           lambda t: siglip_loss(img, t, s, b, labels=lab)]
+    for fn in fns:
+        ref = fn(same_txt)
+        swapped = same_txt[[2, 1, 0, 3, 4, 5]]  # swap two same-label texts
+        assert fn(swapped).item() == pytest.approx(ref.item(), rel=1e-12)
+        assert torch.isfinite(ref)
+    # the same-label image is a positive, not a negative: labels [0, 1, 0, ...] ≠ treating
+    # sample 2 as its own prompt
+    assert clip_loss(img, same_txt, s, labels=lab).item() != pytest.approx(
+        clip_loss(img, same_txt, s, labels=torch.arange(6)).item())
+    # CWCL targets: same-label pairs get the maximum weight
+    w = losses.channel_similarity_weights(feats, lab)
+    assert torch.allclose(w[0, 2], w[0, 0]) and torch.allclose(w[0, 5], w[0, 0])
+
+
+def test_duplicate_prompts_do_not_inflate_the_softmax():
+    """A batch with a prompt twice == the same batch's distinct prompts (CLIP, identical texts)."""
+    img, txt, _ = _data(n=4)
+    s = torch.tensor(1.5, dtype=torch.float64)
+    t = txt.clone()
+    t[3] = t[0]
+    lab = torch.tensor([0, 1, 2, 0])
+    got = clip_loss(img, t, s, labels=lab)
+    # by hand: logits over the 3 distinct texts
+    imgn = torch.nn.functional.normalize(img, dim=-1)
+    tn = torch.nn.functional.normalize(t[:3], dim=-1)
+    lg = s.exp() * imgn @ tn.t()
+    i2t = -torch.log_softmax(lg, 1)[torch.arange(4), lab].mean()
+    lt = torch.log_softmax(lg.t(), 1)
+    t2i = -(lt[0, [0, 3]].mean() + lt[1, 1] + lt[2, 2]) / 3
+    assert got.item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-10)

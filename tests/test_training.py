@@ -70,6 +70,43 @@ def test_batch_size_capped_at_distinct_prompts_and_ddp_shards():
         assert len(set(pids[g].tolist())) == len(g)
 
 
+def test_multipositive_batches_repeat_prompts_cover_every_well_and_shard():
+    from training.data import ShuffledBatchSampler, make_batch_sampler
+
+    pids = np.array([0] * 8 + [1] * 4 + [2] * 4)  # 16 wells, 3 prompts
+    s = make_batch_sampler("multipositive", pids, 6, seed=2)
+    assert isinstance(s, ShuffledBatchSampler) and s.batch_size == 6 and len(s) == 3
+    repeats = False
+    for epoch in range(4):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(16))
+        assert {len(b) for b in batches} <= {5, 6}  # balanced, no lone well
+        repeats |= any(len(set(pids[b].tolist())) < len(b) for b in batches)
+        s.set_epoch(epoch, 1)  # resume inside the epoch: the same remaining batches
+        assert [b.tolist() for b in s] == [b.tolist() for b in batches[1:]]
+    assert repeats  # prompts repeat inside a batch (the loss makes them positives)
+    assert make_batch_sampler("multipositive", pids, 64).batch_size == 16  # capped at the wells
+    shards = [ShuffledBatchSampler(pids, 3, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for g, b0, b1 in zip(shards[0].global_batches(0), shards[0].batches(0), shards[1].batches(0)):
+        assert np.concatenate([b0, b1]).tolist() == np.resize(g, len(b0) + len(b1)).tolist()
+    with pytest.raises(CellClipError, match="batching"):
+        make_batch_sampler("nope", pids, 4)
+
+
+def test_fit_batching_multipositive_vs_distinct(tmp_path, cellclip_cache_dir):
+    from training.loop import fit
+
+    kw = dict(TINY, epochs=2, cache_dir=str(cellclip_cache_dir), seed=1)
+    mp = fit(output=str(tmp_path / "mp"), batching="multipositive", batch_size=4, **kw)
+    d = fit(output=str(tmp_path / "d"), batching="distinct", batch_size=4, **kw)
+    # the sample: 4 wells (2 DMSO) → one batch of all 4 wells vs 2 batches of 2 distinct prompts
+    assert (mp["batch_size"], mp["steps_per_epoch"], mp["batching"]) == (4, 1, "multipositive")
+    assert (d["batch_size"], d["steps_per_epoch"], d["batching"]) == (3, 2, "distinct")
+    metrics = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["batch"] for m in metrics if "loss" in m] == [4, 4]
+
+
 def test_well_bags_and_random_subsets():
     from training.data import build_well_bags
 
@@ -154,11 +191,12 @@ def _weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
-def test_kill_and_resume_gives_the_same_weights(tmp_path, cellclip_cache_dir):
+@pytest.mark.parametrize("batching", ["multipositive", "distinct"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, cellclip_cache_dir, batching):
     from training.loop import fit
 
     kw = dict(TINY, epochs=3, cache_dir=str(cellclip_cache_dir), bag_min_fields=1, bag_max_fields=2,
-              lr=1e-3, warmup=2, seed=3)
+              lr=1e-3, warmup=2, seed=3, batch_size=2, batching=batching)  # 2 batches of 2 wells per epoch
     full = fit(output=str(tmp_path / "full"), **kw)
     assert full["steps"] == 6 and not full["stopped_early"]
     part = fit(output=str(tmp_path / "part"), stop_after_steps=3, **kw)

@@ -2,7 +2,8 @@
 
 ``python -m training fit`` with no further arguments trains on the bundled real
 LINCS sample with the offline defaults (weight-free morphology encoder, the
-bundled MiniLM text encoder frozen, CWCL, per-plate DMSO centre-scale + TVN
+bundled MiniLM text encoder frozen, CWCL with multi-positive batches (wells
+sharing a prompt are positives of each other), per-plate DMSO centre-scale + TVN
 whitening of the frozen features, random field subsets per well bag) and writes
 ``./checkpoints/cellclip-lincs-sample``.  Mistakes a user can make print one
 line on stderr and exit with status 2.
@@ -62,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     o = f.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=D["epochs"])
     o.add_argument("--batch-size", type=int, default=D["batch_size"],
-                   help="wells per batch and process (capped at the number of distinct prompts)")
+                   help="wells per batch and process (capped at the number of wells; with --batching "
+                        "distinct, at the number of distinct prompts)")
+    o.add_argument("--batching", default=D["batching"], choices=["multipositive", "distinct"],
+                   help="multipositive: shuffled batches, prompts may repeat, same-prompt wells are "
+                        "positives of each other in the loss (both directions); distinct: batches of "
+                        "pairwise distinct prompts")
     o.add_argument("--lr", type=float, default=D["lr"])
     o.add_argument("--text-lr", type=float, default=None, help="learning rate of the text encoder (default --lr)")
     o.add_argument("--weight-decay", type=float, default=D["weight_decay"])

@@ -16,8 +16,10 @@
   torch RNG is restored, so a resumed run ends with the same weights as an
   uninterrupted one.
 * Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DDP, each rank
-  takes its shard of a global batch of distinct prompts, the loss all-gathers
-  embeddings/labels (negatives span the global batch) and only rank 0 writes.
+  takes its contiguous shard of a global batch (``--batching``: shuffled wells
+  with multi-positive labels, or distinct prompts), the loss all-gathers
+  embeddings, features and prompt labels in the same rank order (so labels
+  stay aligned and negatives span the global batch) and only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ FIT_DEFAULTS = dict(
     data=None, platemap=None, barcode_platemap=None, annotations=None, channel_map=None,
     cell_line="A549", output=DEFAULT_OUTPUT, encoder="morphology", text_encoder="all-MiniLM-L6-v2",
     text_tuning="frozen", loss="cwcl", embed_dim=256, vision_layers=2, vision_heads=8,
-    pooling="attention", context_length=77, epochs=60, batch_size=64, lr=5e-4, text_lr=None,
+    pooling="attention", context_length=77, epochs=240, batch_size=64, batching="multipositive", lr=5e-4, text_lr=None,
     weight_decay=0.1, warmup=0.1, min_lr_ratio=0.0, grad_clip=1.0, seed=0, device="auto",
     precision="fp32", correction="tvn", bag_min_fields=1, bag_max_fields=None,
     val_plate=None, save_every=0, keep=2, log_every=1, stop_after_steps=None, resume=False,
@@ -321,7 +323,7 @@ def fit(**kwargs) -> dict:
     from napari_cellclip.losses import compute_loss
     from napari_cellclip.model import CellCLIP, CellCLIPConfig
 
-    from .data import DistinctPromptBatchSampler, build_well_bags, split_by_plate
+    from .data import BATCHINGS, build_well_bags, make_batch_sampler, split_by_plate
     from .evaluate import evaluate_bags, format_report, write_report
 
     t_start = time.perf_counter()
@@ -330,6 +332,8 @@ def fit(**kwargs) -> dict:
         raise CellClipError(f"unknown precision {a['precision']!r}; choose fp32, bf16 or fp16")
     if a["loss"] not in ("cwcl", "clip", "siglip"):
         raise CellClipError(f"unknown loss {a['loss']!r}; choose cwcl, clip or siglip")
+    if a["batching"] not in BATCHINGS:
+        raise CellClipError(f"unknown batching {a['batching']!r}; choose {' or '.join(BATCHINGS)}")
     if int(a["epochs"]) < 1 or int(a["batch_size"]) < 1:
         raise CellClipError("--epochs and --batch-size must be at least 1")
     device = resolve_train_device(a["device"], dist)
@@ -376,7 +380,7 @@ def fit(**kwargs) -> dict:
             f"{len(set(wb.wells['plate']))} plate(s), {n_prompts} distinct prompts; features "
             f"{tuple(feats.shape)} from {encoder.spec!r} in {t_extract:.1f}s; correction "
             f"{corr.describe(spec)}")
-        if a["batch_size"] * dist.world > n_prompts:
+        if a["batching"] == "distinct" and a["batch_size"] * dist.world > n_prompts:
             say(f"note: batches hold distinct prompts only, so the batch size is capped at "
                 f"{max(1, n_prompts // dist.world)} per process (the training set has {n_prompts} prompts)")
 
@@ -404,8 +408,8 @@ def fit(**kwargs) -> dict:
         tok = model.tokenize(wb.prompts, truncate=True)
         input_ids, attn = tok["input_ids"].to(device), tok["attention_mask"].to(device)
 
-        sampler = DistinctPromptBatchSampler(wb.prompt_ids, a["batch_size"], seed=a["seed"],
-                                             rank=dist.rank, world_size=dist.world, warn=False)
+        sampler = make_batch_sampler(a["batching"], wb.prompt_ids, a["batch_size"], seed=a["seed"],
+                                     rank=dist.rank, world_size=dist.world, warn=False)
         steps_per_epoch = len(sampler)
         total_steps = steps_per_epoch * int(a["epochs"])
         warmup = a["warmup"]
@@ -561,6 +565,7 @@ def fit(**kwargs) -> dict:
                    "stopped_early": stopped, "train_seconds": round(train_seconds, 2),
                    "extract_seconds": round(t_extract, 2), "feature_correction": corr.to_json(spec),
                    "steps_per_epoch": steps_per_epoch, "batch_size": sampler.batch_size,
+                   "batching": a["batching"],
                    "world_size": dist.world}
         if stopped:
             say(f"stopped after {step} steps (--stop-after-steps); resume with --resume")
