@@ -33,12 +33,12 @@ import shutil
 import sys
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from napari_cellclip.errors import CellClipError, CellClipWarning, CheckpointError
+from napari_cellclip._fsutil import atomic_dir
+from napari_cellclip.errors import CellClipError, CheckpointError
 
 DEFAULT_OUTPUT = "checkpoints/cellclip-lincs-sample"
 STATE_NAME = "training_state.pt"
@@ -253,20 +253,9 @@ def save_checkpoint(output: Path, model, state: dict, keep: int = 2) -> Path:
     ck.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{state['step']:07d}"
     final = ck / name
-    tmp = ck / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         torch.save(state, tmp / STATE_NAME)
-        if final.exists():
-            old = ck / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     ptmp = ck / f".{LATEST}.tmp-{uuid.uuid4().hex[:8]}"
     ptmp.write_text(name)
     os.replace(ptmp, ck / LATEST)
