@@ -48,3 +48,25 @@ def sample_plate_path() -> Path:
     from napari_cellclip.sample import sample_plate_dir
 
     return sample_plate_dir()
+
+
+@pytest.fixture()
+def notes(monkeypatch):
+    """Capture the widgets' napari notifications (error / warning / info) instead of showing them."""
+    from napari_cellclip._widgets import _notify
+
+    got = {"error": [], "warning": [], "info": []}
+    for kind in got:
+        monkeypatch.setattr(_notify, kind, lambda msg, _k=kind: got[_k].append(str(msg)))
+    return got
+
+
+@pytest.fixture()
+def wait_job(qtbot):
+    """wait_job(job): let the Qt event loop run until a widget's background job is done."""
+
+    def wait(job, timeout=180_000):
+        assert job is not None
+        qtbot.waitUntil(lambda: job.done, timeout=timeout)
+
+    return wait

@@ -166,7 +166,7 @@ def test_prompt_templates_exact():
 
 def test_long_prompt_fallbacks():
     long_smiles = "C" * 520
-    assert compound_prompt("x", long_smiles, cell="A549") == f"A549 cells treated with compound, x"
+    assert compound_prompt("x", long_smiles, cell="A549") == "A549 cells treated with compound, x"
     mid_smiles = "C" * 480
     assert compound_prompt("a-very-long-name" * 3, mid_smiles, cell="A549") == \
         f"A549 cells treated with SMILES: {mid_smiles}"

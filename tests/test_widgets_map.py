@@ -9,23 +9,10 @@ import pytest
 LONAFARNIB = "A549 cells treated with compound: lonafarnib"
 
 
-@pytest.fixture()
-def notes(monkeypatch):
-    from napari_cellclip._widgets import _notify
-
-    got = {"error": [], "warning": [], "info": []}
-    for kind in got:
-        monkeypatch.setattr(_notify, kind, lambda msg, _k=kind: got[_k].append(str(msg)))
-    return got
-
-
-def _wait(qtbot, job, timeout=180_000):
-    assert job is not None
-    qtbot.waitUntil(lambda: job.done, timeout=timeout)
 
 
 @pytest.fixture()
-def widgets(make_napari_viewer, trained_checkpoint, cellclip_env, sample_plate_path, qtbot, notes):
+def widgets(make_napari_viewer, trained_checkpoint, cellclip_env, sample_plate_path, qtbot, notes, wait_job):
     from napari_cellclip._widgets.perturbation_map import PerturbationMapWidget
     from napari_cellclip._widgets.search import SearchWidget
 
@@ -37,16 +24,16 @@ def widgets(make_napari_viewer, trained_checkpoint, cellclip_env, sample_plate_p
     viewer.window.add_dock_widget(cmap, name="map")
     assert not cmap.compute_btn.isEnabled()  # nothing embedded yet
     search.set_checkpoint(trained_checkpoint)
-    _wait(qtbot, search.embed_plate())
+    wait_job(search.embed_plate())
     assert search.state.store is not None, notes["error"]
     return viewer, search, cmap
 
 
-def test_one_point_per_well_coloured_by_metadata(widgets, qtbot, notes):
+def test_one_point_per_well_coloured_by_metadata(widgets, qtbot, notes, wait_job):
     viewer, search, cmap = widgets
     assert cmap.state is search.state  # one shared state per viewer
     cmap.level_combo.setCurrentText("wells")
-    _wait(qtbot, cmap.compute("pca"))
+    wait_job(cmap.compute("pca"))
     assert cmap.coords.shape == (4, 2) and len(cmap.view.points) == 4
     wells = cmap.map_store.fields
     assert sorted(wells["Metadata_Well"]) == ["A01", "A13", "J18", "P13"]
@@ -66,10 +53,10 @@ def test_one_point_per_well_coloured_by_metadata(widgets, qtbot, notes):
     assert not notes["error"]
 
 
-def test_selecting_points_selects_fields_and_shows_them(widgets, qtbot):
+def test_selecting_points_selects_fields_and_shows_them(widgets, qtbot, wait_job):
     viewer, search, cmap = widgets
     cmap.level_combo.setCurrentText("wells")
-    _wait(qtbot, cmap.compute("pca"))
+    wait_job(cmap.compute("pca"))
     search.run_query(LONAFARNIB)
     i = cmap.map_store.fields["Metadata_Well"].tolist().index("A13")
     # a lasso around that one point (scene coordinates)
@@ -91,10 +78,10 @@ def test_selecting_points_selects_fields_and_shows_them(widgets, qtbot):
     assert cmap.view.selected() == [cmap.map_store.fields["Metadata_Well"].tolist().index("P13")]
 
 
-def test_query_hits_are_highlighted(widgets, qtbot):
+def test_query_hits_are_highlighted(widgets, qtbot, wait_job):
     viewer, search, cmap = widgets
     cmap.level_combo.setCurrentText("fields")
-    _wait(qtbot, cmap.compute("pca"))
+    wait_job(cmap.compute("pca"))
     assert len(cmap.view.points) == 12
     search.topk_spin.setValue(3)
     search.run_query(LONAFARNIB)
@@ -107,11 +94,11 @@ def test_query_hits_are_highlighted(widgets, qtbot):
     assert cmap.view.selected() == [int(search.state.results["store_row"].iloc[1])]
 
 
-def test_parquet_export_round_trips(widgets, qtbot, tmp_path):
+def test_parquet_export_round_trips(widgets, qtbot, tmp_path, wait_job):
     viewer, search, cmap = widgets
     assert cmap.export_parquet(tmp_path / "none.parquet") is None  # no map yet
     cmap.level_combo.setCurrentText("wells")
-    _wait(qtbot, cmap.compute("pca"))
+    wait_job(cmap.compute("pca"))
     out = cmap.export_parquet(tmp_path / "map.parquet")
     back = pd.read_parquet(out)
     st = search.state.store.well_level()
@@ -124,7 +111,7 @@ def test_parquet_export_round_trips(widgets, qtbot, tmp_path):
     assert back["Metadata_Well"].tolist() == st.fields["Metadata_Well"].tolist()
 
 
-def test_umap_of_fields_in_a_worker(widgets, qtbot, tmp_path, notes):
+def test_umap_of_fields_in_a_worker(widgets, qtbot, tmp_path, notes, wait_job):
     """The one UMAP test (first call compiles with numba, ~30 s)."""
     import time
 
@@ -140,7 +127,7 @@ def test_umap_of_fields_in_a_worker(widgets, qtbot, tmp_path, notes):
     started = time.perf_counter()
     job = cmap.compute("umap")
     assert cmap.progress_bar.maximum() == 0  # busy indicator while it runs
-    _wait(qtbot, job)
+    wait_job(job)
     elapsed = time.perf_counter() - started
     timer.stop()
     assert not notes["error"], notes["error"]

@@ -12,20 +12,6 @@ import pytest
 LONAFARNIB = "A549 cells treated with compound: lonafarnib"
 
 
-@pytest.fixture()
-def notes(monkeypatch):
-    """Capture the widgets' notifications instead of showing them."""
-    from napari_cellclip._widgets import _notify
-
-    got = {"error": [], "warning": [], "info": []}
-    for kind in got:
-        monkeypatch.setattr(_notify, kind, lambda msg, _k=kind: got[_k].append(str(msg)))
-    return got
-
-
-def _wait(qtbot, job, timeout=120_000):
-    assert job is not None
-    qtbot.waitUntil(lambda: job.done, timeout=timeout)
 
 
 @pytest.fixture()
@@ -45,10 +31,10 @@ def make_search(make_napari_viewer, trained_checkpoint, cellclip_env, sample_pla
 
 
 @pytest.fixture()
-def embedded(make_search, qtbot, notes):
+def embedded(make_search, qtbot, notes, wait_job):
     viewer, widget = make_search()
     job = widget.embed_plate()
-    _wait(qtbot, job)
+    wait_job(job)
     assert not notes["error"], notes["error"]
     assert widget.state.store is not None
     return viewer, widget
@@ -115,9 +101,9 @@ def test_more_like_this_returns_the_field_itself_first(embedded, notes):
     assert not notes["error"]
 
 
-def test_zero_shot_best_prompt_per_well(embedded, qtbot, notes):
+def test_zero_shot_best_prompt_per_well(embedded, qtbot, notes, wait_job):
     viewer, w = embedded
-    _wait(qtbot, w.run_zero_shot())  # all prompts in the plate metadata
+    wait_job(w.run_zero_shot())  # all prompts in the plate metadata
     res = w.state.results
     assert w.state.result_kind == "zero_shot"
     assert sorted(res["Metadata_Well"]) == ["A01", "A13", "J18", "P13"]
@@ -129,7 +115,7 @@ def test_zero_shot_best_prompt_per_well(embedded, qtbot, notes):
     # typed candidates only
     w.plate_prompts_check.setChecked(False)
     w.prompts_edit.setPlainText("A549 cells treated with compound: lonafarnib\nA549 cells treated with compound: orantinib\n")
-    _wait(qtbot, w.run_zero_shot())
+    wait_job(w.run_zero_shot())
     assert set(w.state.results["best_prompt"]) <= {LONAFARNIB, "A549 cells treated with compound: orantinib"}
     assert not notes["error"]
 
@@ -148,7 +134,7 @@ def test_export_csv_round_trips(embedded, tmp_path, notes):
     assert any("Wrote 12 rows" in m for m in notes["info"])
 
 
-def test_cached_embeddings_are_reused(embedded, qtbot, monkeypatch):
+def test_cached_embeddings_are_reused(embedded, qtbot, monkeypatch, wait_job):
     from napari_cellclip import features
 
     viewer, w = embedded
@@ -158,12 +144,12 @@ def test_cached_embeddings_are_reused(embedded, qtbot, monkeypatch):
         raise AssertionError("features recomputed although cached")
 
     monkeypatch.setattr(features, "extract_features", boom)
-    _wait(qtbot, w.embed_plate())
+    wait_job(w.embed_plate())
     assert w.state.store is not first
     np.testing.assert_allclose(w.state.store.embeddings, first.embeddings)
 
 
-def test_user_errors_are_notifications(make_search, qtbot, notes, tmp_path):
+def test_user_errors_are_notifications(make_search, qtbot, notes, tmp_path, wait_job):
     # no plate open
     viewer, w = make_search(open_plate=False)
     assert w.embed_plate() is None
@@ -175,12 +161,12 @@ def test_user_errors_are_notifications(make_search, qtbot, notes, tmp_path):
     # no checkpoint there
     viewer.open(str(_plate()), plugin="napari-cellclip")
     w.set_checkpoint(tmp_path / "nowhere")
-    _wait(qtbot, w.embed_plate())
+    wait_job(w.embed_plate())
     assert "checkpoint" in notes["error"][-1] and "nowhere" in notes["error"][-1]
     assert w.state.store is None and w.embed_btn.isEnabled()
 
 
-def test_unavailable_device_is_a_notification(make_search, qtbot, notes):
+def test_unavailable_device_is_a_notification(make_search, qtbot, notes, wait_job):
     import torch
 
     if torch.cuda.is_available():
@@ -188,7 +174,7 @@ def test_unavailable_device_is_a_notification(make_search, qtbot, notes):
     viewer, w = make_search()
     w.device_combo.setCurrentText("cuda")
     assert w.state.device == "cuda"
-    _wait(qtbot, w.embed_plate())
+    wait_job(w.embed_plate())
     assert "cuda" in notes["error"][-1].lower()
     assert w.state.store is None
 
@@ -199,12 +185,12 @@ def _plate():
     return sample_plate_dir()
 
 
-def test_checkpoint_with_other_channels_than_the_plate(make_search, qtbot, notes):
+def test_checkpoint_with_other_channels_than_the_plate(make_search, qtbot, notes, wait_job):
     viewer, w = make_search()
     fields = w.state.fields
     four = fields.drop(columns=[c for c in fields.columns if c.endswith("OrigMito")])
     w.state.fields = four
-    _wait(qtbot, w.embed_plate())
+    wait_job(w.embed_plate())
     assert "Mito" in notes["error"][-1]
     assert w.state.store is None
 
@@ -220,32 +206,32 @@ def test_empty_and_too_long_queries(embedded, notes):
     assert w.state.results is before  # the table is kept
 
 
-def test_corrupt_field_is_skipped_with_a_warning(make_search, qtbot, notes, tmp_path, sample_plate_path):
+def test_corrupt_field_is_skipped_with_a_warning(make_search, qtbot, notes, tmp_path, sample_plate_path, wait_job):
     plate = tmp_path / "SQ00015198"
     shutil.copytree(sample_plate_path, plate)
     bad = plate / "r10c18f02p01-ch4sk1fk1fl1.png"  # J18 site 2, AGP
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     viewer, w = make_search(plate=plate)
-    _wait(qtbot, w.embed_plate())
+    wait_job(w.embed_plate())
     assert not notes["error"], notes["error"]
     assert any("r10c18f02p01-ch4" in m for m in notes["warning"]), notes["warning"]
     assert len(w.state.store) == 11
     assert "1 skipped" in w.status_label.text()
 
 
-def test_cancel_embedding(make_search, qtbot, notes, tmp_path, monkeypatch):
+def test_cancel_embedding(make_search, qtbot, notes, tmp_path, monkeypatch, wait_job):
     monkeypatch.setenv("NAPARI_CELLCLIP_CACHE", str(tmp_path / "fresh-cache"))
     viewer, w = make_search()
     job = w.embed_plate()
     w.cancel_btn.click()
-    _wait(qtbot, job)
+    wait_job(job)
     assert job.cancelled
     assert w.state.store is None
     assert w.status_label.text() == "Cancelled"
     assert not notes["error"], notes["error"]
 
 
-def test_gui_stays_responsive_while_embedding(make_search, qtbot, notes, tmp_path, monkeypatch):
+def test_gui_stays_responsive_while_embedding(make_search, qtbot, notes, tmp_path, monkeypatch, wait_job):
     from qtpy.QtCore import QTimer
 
     monkeypatch.setenv("NAPARI_CELLCLIP_CACHE", str(tmp_path / "fresh-cache"))  # really compute
@@ -258,7 +244,7 @@ def test_gui_stays_responsive_while_embedding(make_search, qtbot, notes, tmp_pat
     timer.start()
     job = w.embed_plate()
     t0 = time.perf_counter()
-    _wait(qtbot, job)
+    wait_job(job)
     elapsed = time.perf_counter() - t0
     timer.stop()
     assert w.state.store is not None and len(w.state.store) == 6
