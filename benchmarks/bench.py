@@ -13,6 +13,13 @@ interleaved, best of N):
    forward, fp32) vs (b) the bare encoder forward on crops already in memory (the floor).
 2. Weight-free ``morphology`` encoder on the same fields: pipeline vs
    features.extract_features (no cache) vs its bare forward.
+3. Training steps/s from cached features, CWCL, same CellCLIP model and identical random
+   inputs: the fit path (vectorised CWCL weights, fused AdamW where torch has it, bf16
+   autocast on CUDA, bags gathered by index arrays from a memory-mapped ``.npy``) vs a
+   naive step (CWCL weights from a Python loop over channels, fp32, ``AdamW(foreach=False,
+   fused=False)``, bags gathered from the in-RAM array).  Published size on CUDA (D=1536,
+   12 layers, 8 heads, E=512, batch 256, a random BERT-base text tower trained in full);
+   on a CPU a smaller one (D=384, 4 layers, batch 64, a 2-layer 256-wide random BERT).
 4. Text query latency (tokenise + encode + rank, top-10) at 10k / 100k / 1M stored
    field embeddings (E = 512, clustered around prompt embeddings): exact matrix product
    vs the FAISS IVF index built alongside (memory-mapped), with recall@10 against exact.
@@ -254,6 +261,148 @@ def row_morphology(tmp: Path, n_fields: int, reps: int, device: str):
     return {"fps": {k: n_fields / best(v) for k, v in res.items()}, "n_fields": n_fields, "raw": res}
 
 
+TRAIN_SIZES = {
+    # published CellCLIP: CrossChannelFormer D=1536, 12 layers, 8 heads, E=512, batch 256, BERT-base text
+    "cuda": dict(D=1536, layers=12, heads=8, E=512, batch=256, M=4, C=5, n_fields=16384,
+                 text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072), tokens=77),
+    "cpu": dict(D=384, layers=4, heads=8, E=512, batch=64, M=4, C=5, n_fields=4096,
+                text=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=1024), tokens=32),
+}
+
+
+def _naive_cwcl(image_emb, text_emb, channel_features, logit_scale, labels):
+    """losses.cwcl_loss with the channel-similarity weights from a Python loop over channels."""
+    import torch
+    import torch.nn.functional as F
+
+    from napari_cellclip import losses as Ls
+
+    img, txt, scale = Ls._prep(image_emb, text_emb, logit_scale)
+    member = Ls._groups(labels, img.shape[0], img.device, img.dtype)
+    logits = scale * img @ Ls._dedup_text(txt, member).t()
+    loss_cl = Ls._soft_ce(logits.t(), Ls._text_to_image_targets(member))
+    u = channel_features.detach().float()
+    C = u.shape[1]
+    w = torch.zeros(u.shape[0], u.shape[0], device=u.device)
+    for c in range(C):  # one (B, B) cosine matrix per channel
+        uc = F.normalize(u[:, c], dim=-1, eps=1e-8)
+        w = w + (uc @ uc.t()) / C
+    w = w / 2 + 0.5
+    w = torch.where(labels[:, None] == labels[None, :], torch.ones_like(w), w)
+    w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    w = w @ member
+    w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    return loss_cl + Ls._soft_ce(logits, w)
+
+
+def row_train(tmp: Path, steps: int, reps: int, device: str):
+    import copy
+
+    import pandas as pd
+    import torch
+    from transformers import BertConfig, BertModel
+
+    sys.path.insert(0, str(REPO))
+    from napari_cellclip.encoders import resolve_device
+    from napari_cellclip.losses import compute_loss
+    from napari_cellclip.model import CellCLIP, CellCLIPConfig
+    from training.data import build_well_bags
+    from training.loop import make_adamw, param_groups, resolve_precision
+
+    dev = resolve_device(device)
+    sz = TRAIN_SIZES["cuda" if dev.type == "cuda" else "cpu"]
+    D, C, M, B, N = sz["D"], sz["C"], sz["M"], sz["batch"], sz["n_fields"]
+    log(f"row 3: D={D} layers={sz['layers']} heads={sz['heads']} E={sz['E']} batch={B} M={M} C={C} "
+        f"on {dev}")
+    torch.manual_seed(0)
+    text = BertModel(BertConfig(vocab_size=30522, max_position_embeddings=512, **sz["text"]),
+                     add_pooling_layer=False)
+    cfg = CellCLIPConfig(embed_dim=sz["E"], vision_width=D, vision_layers=sz["layers"],
+                         vision_heads=sz["heads"], input_channels=C, text_pooling="mean",
+                         text_tuning="full", feature_correction=None, loss="cwcl")
+    base = CellCLIP(cfg, text_model=text)
+    models = {"optimised": copy.deepcopy(base).to(dev).train(), "naive": copy.deepcopy(base).to(dev).train()}
+    del base, text
+
+    # cached features: N fields in wells of M fields; one copy memory-mapped, one in RAM
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((N, C, D), dtype=np.float32)
+    n_wells = N // M
+    n_prompts = max(2, n_wells // 8)
+    fields = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": np.repeat(np.arange(n_wells), M).astype(str),
+                           "Metadata_Site": np.tile(np.arange(M), n_wells),
+                           "Metadata_prompt": [f"prompt {i % n_prompts}" for i in np.repeat(np.arange(n_wells), M)]})
+    np.save(tmp / "train-features.npy", feats)
+    wb = {"optimised": build_well_bags(np.load(tmp / "train-features.npy", mmap_mode="r"), fields),
+          "naive": build_well_bags(feats, fields)}
+    assert isinstance(wb["optimised"].features, np.memmap)
+    prompt_ids = torch.from_numpy(rng.integers(1000, 30000, (n_prompts, sz["tokens"]))).to(dev)
+    attn = torch.ones_like(prompt_ids)
+    batches = [rng.choice(n_wells, B, replace=False) for _ in range(steps)]
+
+    precision = resolve_precision(dev)
+    amp = torch.bfloat16 if precision == "bf16" else None
+    opts = {}
+    opts["optimised"], impl = make_adamw(param_groups(models["optimised"], 0.1), dev, lr=1e-4,
+                                         betas=(0.9, 0.98), eps=1e-6)
+    opts["naive"] = torch.optim.AdamW(param_groups(models["naive"], 0.1), lr=1e-4, betas=(0.9, 0.98),
+                                      eps=1e-6, foreach=False, fused=False)
+
+    def one_step(name, rows):
+        model, opt = models[name], opts[name]
+        x = torch.from_numpy(wb[name].gather(rows)).to(dev, non_blocking=True)
+        pids = torch.from_numpy(wb[name].prompt_ids[rows]).to(dev)
+        use_amp = name == "optimised" and amp is not None
+        with torch.autocast(device_type=dev.type, dtype=amp or torch.float32, enabled=use_amp):
+            img, txt, pooled = model(x, prompt_ids[pids], attn[pids])
+        if name == "optimised":
+            loss = compute_loss("cwcl", img.float(), txt.float(), model.logit_scale,
+                                channel_features=pooled.float(), labels=pids)
+        else:
+            loss = _naive_cwcl(img, txt, pooled, model.logit_scale, pids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        model.clamp_logit_scale_()
+        return loss
+
+    # the two losses are the same function of the same outputs (fp32 check on the first batch)
+    with torch.no_grad():
+        m = models["naive"]
+        rows = batches[0]
+        x = torch.from_numpy(wb["naive"].gather(rows)).to(dev)
+        pids = torch.from_numpy(wb["naive"].prompt_ids[rows]).to(dev)
+        img, txt, pooled = m(x, prompt_ids[pids], attn[pids])
+        a_ = float(compute_loss("cwcl", img, txt, m.logit_scale, channel_features=pooled, labels=pids))
+        b_ = float(_naive_cwcl(img, txt, pooled, m.logit_scale, pids))
+        assert abs(a_ - b_) <= 1e-4 * max(1.0, abs(a_)), (a_, b_)
+
+    def run(name):
+        for r in batches[:2]:  # warm-up (allocator, kernels)
+            one_step(name, r)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for r in batches:
+            loss = one_step(name, r)
+        float(loss)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    res = {"optimised": [], "naive": []}
+    for r in range(reps):
+        for name in ("naive", "optimised"):
+            res[name].append(run(name))
+            log(f"row 3 rep {r}: {name} {steps / res[name][-1]:.2f} steps/s")
+    return {"sps": {k: steps / best(v) for k, v in res.items()}, "size": {k: v for k, v in sz.items()},
+            "steps": steps, "device": str(dev), "optimizer": impl, "precision": precision,
+            "loss_check": [a_, b_], "raw": res}
+
+
 def row_query(tmp: Path, sizes, n_queries: int):
     import pandas as pd
 
@@ -410,7 +559,7 @@ def machine_info(device: str) -> str:
             f"{platform.system()} {platform.release()}; load average at start {load[0]:.2f}")
 
 
-def render(r1, r2, r4, r5, info, cmd, elapsed) -> str:
+def render(r1, r2, r4, r5, info, cmd, elapsed, r3=None) -> str:
     L = [f"Machine: {info}", "", f"Command: `{cmd}` ({elapsed / 60:.1f} min)", ""]
     L += ["| # | measurement | A | B | ratio A/B | goal | met |", "|---|---|---|---|---|---|---|"]
     if r1:
@@ -432,6 +581,15 @@ def render(r1, r2, r4, r5, info, cmd, elapsed) -> str:
                  f"{f['pipeline']:.3f} | {f['floor']:.3f} | {f['pipeline'] / f['floor']:.2f} | — | — |")
         L.append(f"| 2a | morphology fields/s: pipeline vs features.extract_features | {f['pipeline']:.3f} | "
                  f"{f['extract_features']:.3f} | {f['pipeline'] / f['extract_features']:.2f} | — | — |")
+    if r3:
+        f, z = r3["sps"], r3["size"]
+        ratio = f["optimised"] / f["naive"]
+        gpu = r3["device"].startswith("cuda")
+        L.append(f"| 3 | training steps/s from cached features ({r3['device']}, D={z['D']}, {z['layers']} layers, "
+                 f"{z['heads']} heads, E={z['E']}, batch {z['batch']}, M={z['M']}, C={z['C']}, CWCL): fit path "
+                 f"(vectorised CWCL, {r3['optimizer']} AdamW, {r3['precision']}, memmap bags) vs naive "
+                 f"(per-channel loop, fp32, unfused AdamW) | {f['optimised']:.2f} | {f['naive']:.2f} | "
+                 f"{ratio:.2f} | ≥ 2 (GPU) | {('yes' if ratio >= 2 else 'no') if gpu else 'n/a on CPU'} |")
     for q in r4 or []:
         goal = 50 if q["n"] <= 100_000 else 100
         L.append(f"| 4 | text query ms at {q['n']:,} (tokenise+encode+rank top-10): ANN vs exact "
@@ -471,7 +629,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer fields / sizes (≈3 min)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--rows", default="1,2,4,5", help="comma list of rows to run")
+    ap.add_argument("--rows", default="1,2,3,4,5", help="comma list of rows to run")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     ap.add_argument("--workdir", default=None, help="keep the synthetic data here (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -489,24 +647,26 @@ def main(argv=None) -> int:
             make_checkpoint(tmp / "ckpt-dino", f"hf:{make_dinov2(tmp / 'dinov2-small')}", 384)
         if not (tmp / "ckpt-morph").exists():
             make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
+        r3 = row_train(tmp, 4 if q else 10, 2 if q else 3, args.device) if 3 in rows else None
         r4 = row_query(tmp, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], 10 if q else 30) \
             if 4 in rows else None
         r5 = row_memory(tmp, [200, 2000] if q else [1000, 10_000]) if 5 in rows else None
     r1 = r1 if 1 in rows else None
     r2 = r2 if 2 in rows else None
     prev_path = HERE / "bench_raw.json"
-    if rows != {1, 2, 4, 5} and prev_path.exists():  # keep the other rows of the last run
+    if rows != {1, 2, 3, 4, 5} and prev_path.exists():  # keep the other rows of the last run
         prev = json.loads(prev_path.read_text())
         r1 = r1 or prev.get("r1")
         r2 = r2 or prev.get("r2")
+        r3 = r3 or prev.get("r3")
         r4 = r4 or prev.get("r4")
         r5 = r5 or prev.get("r5")
     cmd = "python benchmarks/bench.py" + (" --quick" if q else "") + \
         (f" --device {args.device}" if args.device != "auto" else "") + \
-        (f" --rows {args.rows}" if args.rows != "1,2,4,5" else "")
-    table = render(r1, r2, r4, r5, info, cmd, time.perf_counter() - t0)
+        (f" --rows {args.rows}" if args.rows != "1,2,3,4,5" else "")
+    table = render(r1, r2, r4, r5, info, cmd, time.perf_counter() - t0, r3=r3)
     print(table)
-    raw = {"r1": r1, "r2": r2, "r4": r4, "r5": r5, "machine": info, "command": cmd}
+    raw = {"r1": r1, "r2": r2, "r3": r3, "r4": r4, "r5": r5, "machine": info, "command": cmd}
     (HERE / "bench_raw.json").write_text(json.dumps(raw, indent=1, default=str))
     if not args.no_write:
         write_results(table)

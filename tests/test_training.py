@@ -213,6 +213,37 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, cellclip_cache_dir, ba
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
 
 
+def test_fit_trains_from_memory_mapped_features_like_in_memory(tmp_path, cellclip_cache_dir, monkeypatch):
+    """The (N, C, D) features are a memory-mapped .npy during training (removed afterwards); the
+    weights equal those of the in-RAM path; fused AdamW on CPU, fp32 by default off CUDA."""
+    import training.data as data
+    from training.loop import fit
+
+    seen = []
+    real = data.build_well_bags
+
+    def spy(features, fields, **kw):
+        wb = real(features, fields, **kw)
+        seen.append((wb.features, getattr(wb.features, "filename", None)))
+        return wb
+
+    monkeypatch.setattr(data, "build_well_bags", spy)
+    kw = dict(TINY, epochs=2, cache_dir=str(cellclip_cache_dir), bag_min_fields=1, bag_max_fields=2,
+              lr=1e-3, warmup=1, seed=5, batch_size=2)
+    m = fit(output=str(tmp_path / "mm"), **kw)
+    assert isinstance(seen[0][0], np.memmap) and seen[0][1] is not None
+    assert Path(seen[0][1]).parent == (tmp_path / "mm").resolve()
+    assert not Path(seen[0][1]).exists()  # removed at the end of fit
+    assert m["optimizer"] == "fused" and m["precision"] == "fp32"
+    seen.clear()
+    r = fit(output=str(tmp_path / "ram"), features_mmap=False, **kw)
+    assert not isinstance(seen[0][0], np.memmap)
+    a, b = _weights(tmp_path / "mm" / "model"), _weights(tmp_path / "ram" / "model")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert r["steps"] == m["steps"]
+
+
 def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir):
     """Two copies of the sample plate (the second renamed) → train on one, validate on the other."""
     from napari_cellclip.model import CellCLIP

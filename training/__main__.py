@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=float, default=D["warmup"], help="warm-up steps (<1: fraction of all steps)")
     o.add_argument("--min-lr-ratio", type=float, default=D["min_lr_ratio"])
     o.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="max gradient norm (0 = off)")
-    o.add_argument("--precision", default=D["precision"], choices=["fp32", "bf16", "fp16"])
+    o.add_argument("--precision", default=D["precision"], choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 on CUDA, fp32 elsewhere (default)")
     o.add_argument("--seed", type=int, default=D["seed"])
     o.add_argument("--bag-min-fields", type=int, default=D["bag_min_fields"],
                    help="augmentation: each step a well's bag is a random subset of at least this many of "

@@ -73,7 +73,6 @@ class WellBags:
     prompts: list[str]
     wells: "object"  # pandas DataFrame
     field_prompt_ids: np.ndarray = field(default=None)
-    _padded: np.ndarray = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.bag_index.shape[0])
@@ -82,17 +81,24 @@ class WellBags:
     def max_fields(self) -> int:
         return int(self.bag_index.shape[1])
 
-    @property
-    def padded_features(self) -> np.ndarray:
-        if self._padded is None:
-            f = self.features
-            self._padded = np.concatenate([f, np.zeros((1,) + f.shape[1:], f.dtype)], axis=0)
-        return self._padded
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """Feature rows by an index array of any shape (-1 → a zero row): idx.shape + (C, D).
+
+        Reads only the rows asked for (one fancy-index gather), so ``features``
+        may be a memory-mapped ``.npy`` (as in :func:`training.loop.fit`) that
+        is never copied into RAM as a whole.
+        """
+        idx = np.asarray(idx, dtype=np.int64)
+        f = self.features
+        out = np.zeros(idx.shape + tuple(f.shape[1:]), dtype=f.dtype)
+        valid = idx >= 0
+        if valid.any():
+            out[valid] = f[idx[valid]]
+        return out
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), M_max, C, D) bags, padding rows zero."""
-        idx = self.bag_index[np.asarray(rows, dtype=np.int64)]
-        return self.padded_features[idx]  # -1 → the trailing zero row
+        return self.take(self.bag_index[np.asarray(rows, dtype=np.int64)])
 
     def gather_subsets(self, rows: np.ndarray, rng: np.random.Generator,
                        min_fields: int = 1, max_fields: int | None = None) -> np.ndarray:
@@ -108,7 +114,7 @@ class WellBags:
         order = np.argsort(keys, axis=1, kind="stable")
         perm = np.take_along_axis(idx, order, axis=1)
         perm[np.arange(idx.shape[1])[None, :] >= k[:, None]] = -1
-        return self.padded_features[perm]
+        return self.take(perm)
 
     def field_bags(self) -> np.ndarray:
         """Every field alone as a bag of one: (N_fields, 1, C, D)."""
@@ -120,7 +126,9 @@ def build_well_bags(features: np.ndarray, fields, *, prompt_column: str = PROMPT
     """Group the rows of ``fields`` (aligned with ``features``) into well bags."""
     import pandas as pd
 
-    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not (isinstance(features, np.ndarray) and features.dtype == np.float32
+            and features.flags.c_contiguous):
+        features = np.ascontiguousarray(features, dtype=np.float32)  # a memmap stays a memmap
     if len(fields) != len(features):
         raise CellClipError(f"{len(features)} feature rows for {len(fields)} fields")
     if prompt_column not in fields.columns:

@@ -1,8 +1,13 @@
 """The training loop: data → features → correction → bags → CellCLIP, with checkpoints.
 
-* AdamW with no weight decay on norms, biases, embeddings-like 1-D parameters
-  and the logit scale/bias; linear warm-up then cosine decay; gradient
-  clipping; fp32 / bf16 / fp16 autocast (fp16 with a GradScaler).
+* AdamW (the fused kernel where torch has one for the device: CUDA, and CPU
+  in torch >= 2.4) with no weight decay on norms, biases, embeddings-like 1-D
+  parameters and the logit scale/bias; linear warm-up then cosine decay;
+  gradient clipping; fp32 / bf16 / fp16 autocast (fp16 with a GradScaler;
+  ``--precision auto``, the default, is bf16 on CUDA and fp32 elsewhere).
+* The corrected (N_fields, C, D) features are written once to
+  ``<output>/.features-rank<r>.npy`` and memory-mapped (removed when fit
+  returns); each batch gathers its bags' rows by index arrays.
 * Checkpoints ``<output>/checkpoints/checkpoint-<step>/`` hold the model
   (``save_pretrained``: config.json + model.safetensors + text/) and
   ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step,
@@ -186,6 +191,34 @@ def param_groups(model, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def resolve_precision(device) -> str:
+    """``--precision auto``: bf16 autocast on a CUDA device that supports it, fp32 elsewhere."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def make_adamw(groups, device, **kw):
+    """AdamW with the fused kernel where torch has one for ``device`` (CUDA, and CPU since torch
+    2.4), else the default (foreach) implementation -> (optimizer, "fused" | "foreach")."""
+    import torch
+
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        fused_ok = device.type in _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: fused is CUDA-only
+        fused_ok = device.type == "cuda"
+    if fused_ok:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw), "fused"
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, **kw), "foreach"
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
@@ -292,10 +325,10 @@ FIT_DEFAULTS = dict(
     text_tuning="frozen", loss="cwcl", embed_dim=256, vision_layers=2, vision_heads=8,
     pooling="attention", context_length=77, epochs=240, batch_size=64, batching="multipositive", lr=5e-4, text_lr=None,
     weight_decay=0.1, warmup=0.1, min_lr_ratio=0.0, grad_clip=1.0, seed=0, device="auto",
-    precision="fp32", correction="tvn", bag_min_fields=1, bag_max_fields=None,
+    precision="auto", correction="tvn", bag_min_fields=1, bag_max_fields=None,
     val_plate=None, save_every=0, keep=2, log_every=1, stop_after_steps=None, resume=False,
     cache_dir=None, extract_batch_size=8, num_workers=0, no_progress=False, quiet=False,
-    eval_every=0, betas=(0.9, 0.98), eps=1e-6,
+    eval_every=0, betas=(0.9, 0.98), eps=1e-6, features_mmap=True,
 )
 
 
@@ -317,8 +350,9 @@ def fit(**kwargs) -> dict:
 
     t_start = time.perf_counter()
     dist = Dist()
-    if a["precision"] not in ("fp32", "bf16", "fp16"):
-        raise CellClipError(f"unknown precision {a['precision']!r}; choose fp32, bf16 or fp16")
+    feats_file = None
+    if a["precision"] not in ("auto", "fp32", "bf16", "fp16"):
+        raise CellClipError(f"unknown precision {a['precision']!r}; choose auto, fp32, bf16 or fp16")
     if a["loss"] not in ("cwcl", "clip", "siglip"):
         raise CellClipError(f"unknown loss {a['loss']!r}; choose cwcl, clip or siglip")
     if a["batching"] not in BATCHINGS:
@@ -326,6 +360,8 @@ def fit(**kwargs) -> dict:
     if int(a["epochs"]) < 1 or int(a["batch_size"]) < 1:
         raise CellClipError("--epochs and --batch-size must be at least 1")
     device = resolve_train_device(a["device"], dist)
+    if a["precision"] == "auto":
+        a["precision"] = resolve_precision(device)
     dist.init(device)
     say = (lambda *m: print(*m, file=sys.stderr)) if dist.main and not a["quiet"] else (lambda *m: None)
     output = Path(a["output"])
@@ -354,20 +390,34 @@ def fit(**kwargs) -> dict:
         train_mask, val_mask = split_by_plate(fields, val_plates)
         spec = corr.make_spec(a["correction"])
         spec = corr.fit(feats[train_mask], fields[train_mask], spec)
-        feats_c = np.empty_like(feats)
-        feats_c[train_mask] = corr.apply(feats[train_mask], fields[train_mask], spec)
+        # corrected features, training rows first then validation rows, written once to a
+        # .npy in the output folder and memory-mapped (batches gather rows by index)
+        n_train = int(train_mask.sum())
+        feats_shape = tuple(feats.shape)
+        if a["features_mmap"]:
+            output.mkdir(parents=True, exist_ok=True)
+            feats_file = output / f".features-rank{dist.rank}.npy"
+            feats_c = np.lib.format.open_memmap(feats_file, mode="w+", dtype=np.float32, shape=feats_shape)
+        else:
+            feats_c = np.empty(feats_shape, dtype=np.float32)
+        feats_c[:n_train] = corr.apply(feats[train_mask], fields[train_mask], spec)
         if val_mask.any():
-            feats_c[val_mask] = corr.apply(feats[val_mask], fields[val_mask], spec)
+            feats_c[n_train:] = corr.apply(feats[val_mask], fields[val_mask], spec)
+        del feats
+        if feats_file is not None:
+            feats_c.flush()
+            del feats_c
+            feats_c = np.load(feats_file, mmap_mode="r", allow_pickle=False)
         train_fields = fields[train_mask].reset_index(drop=True)
-        wb = build_well_bags(feats_c[train_mask], train_fields)
+        wb = build_well_bags(feats_c[:n_train], train_fields)
         val_wb = None
         if val_mask.any():
-            val_wb = build_well_bags(feats_c[val_mask], fields[val_mask].reset_index(drop=True))
+            val_wb = build_well_bags(feats_c[n_train:], fields[val_mask].reset_index(drop=True))
         stains = list(fields.filter(like="FileName_Orig").columns.str.replace("FileName_Orig", ""))
         n_prompts = len(wb.prompts)
         say(f"data: {len(fields)} fields, {len(wb)} training wells on "
             f"{len(set(wb.wells['plate']))} plate(s), {n_prompts} distinct prompts; features "
-            f"{tuple(feats.shape)} from {encoder.spec!r} in {t_extract:.1f}s; correction "
+            f"{feats_shape} from {encoder.spec!r} in {t_extract:.1f}s; correction "
             f"{corr.describe(spec)}")
         if a["batching"] == "distinct" and a["batch_size"] * dist.world > n_prompts:
             say(f"note: batches hold distinct prompts only, so the batch size is capped at "
@@ -377,7 +427,7 @@ def fit(**kwargs) -> dict:
         torch.manual_seed(a["seed"])
         random.seed(a["seed"])
         np.random.seed(a["seed"])
-        D, C = int(feats.shape[2]), int(feats.shape[1])
+        D, C = int(feats_shape[2]), int(feats_shape[1])
         heads = int(a["vision_heads"])
         while D % heads:
             heads -= 1
@@ -413,7 +463,8 @@ def fit(**kwargs) -> dict:
                     if ps:
                         new.append({**g, "params": ps, **({"lr": a["text_lr"]} if is_text else {})})
             groups = new
-        opt = torch.optim.AdamW(groups, lr=a["lr"], betas=tuple(a["betas"]), eps=a["eps"])
+        opt, opt_impl = make_adamw(groups, device, lr=a["lr"], betas=tuple(a["betas"]), eps=a["eps"])
+        train_args["optimizer"] = opt_impl
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_cosine(total_steps, warmup_steps, a["min_lr_ratio"]))
         scaler = torch.amp.GradScaler(device.type, enabled=a["precision"] == "fp16")
@@ -554,7 +605,7 @@ def fit(**kwargs) -> dict:
                    "stopped_early": stopped, "train_seconds": round(train_seconds, 2),
                    "extract_seconds": round(t_extract, 2), "feature_correction": corr.to_json(spec),
                    "steps_per_epoch": steps_per_epoch, "batch_size": sampler.batch_size,
-                   "batching": a["batching"],
+                   "batching": a["batching"], "precision": a["precision"], "optimizer": opt_impl,
                    "world_size": dist.world}
         if stopped:
             say(f"stopped after {step} steps (--stop-after-steps); resume with --resume")
@@ -577,6 +628,9 @@ def fit(**kwargs) -> dict:
         return summary
     finally:
         dist.close()
+        if feats_file is not None:
+            with contextlib.suppress(OSError):  # mapped files cannot be removed on Windows
+                feats_file.unlink()
 
 
 # ------------------------------------------------------------------ evaluate
