@@ -265,3 +265,20 @@ def test_16bit_and_float_normalisation(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.all(normalize(np.zeros((4, 4))) == 0)
+
+
+def test_blank_frame_column_means_single_channel_files(tmp_path):
+    """A LoadData CSV with an empty Frame_Orig<Stain> column (pandas NA) reads single-channel files."""
+    from napari_cellclip.features import field_cache_key
+
+    src = pd.read_csv(sample_plate_dir() / "load_data.csv", dtype=str)
+    for c in src.columns:
+        if c.startswith("PathName"):
+            src[c] = str(sample_plate_dir())
+    src["Frame_OrigDNA"] = ""
+    src.to_csv(tmp_path / "load_data.csv", index=False)
+    df = read_plate(tmp_path)
+    assert df["Frame_OrigDNA"].isna().all()
+    assert load_field(df.iloc[0]).shape == (5, 540, 540)
+    assert field_cache_key(df.iloc[0], ["DNA"], "enc") == field_cache_key(
+        read_plate(sample_plate_dir()).iloc[0], ["DNA"], "enc")

@@ -97,32 +97,20 @@ def _file_digest(path: Path) -> str:
     return digest
 
 
-def _row_value(row, key):
-    value = row.get(key) if hasattr(row, "get") else None
-    if value is None:
-        return None
-    try:
-        if isinstance(value, float) and np.isnan(value):
-            return None
-    except TypeError:
-        pass
-    return value
-
-
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
                     low: float = NORM_LOW, high: float = NORM_HIGH) -> str:
     """Cache key of one field (see module doc); raises ImageReadError for a missing file."""
-    from .images import channel_path
+    from .images import channel_frame, channel_path, row_value
 
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{_KEY_VERSION}\0{encoder_identity}\0norm=p{low:g}-{high:g}\0".encode())
-    axes = _row_value(row, "Metadata_ChannelAxes")
+    axes = row_value(row, "Metadata_ChannelAxes")
     if axes:
         h.update(f"axes={axes}\0".encode())
     for stain in stains:
         path = channel_path(row, stain)
-        frame = _row_value(row, f"Frame_Orig{stain}")
-        h.update(f"{stain}\0{_file_digest(path)}\0{'' if frame is None else int(frame)}\0".encode())
+        frame = channel_frame(row, stain)
+        h.update(f"{stain}\0{_file_digest(path)}\0{'' if frame is None else frame}\0".encode())
     return h.hexdigest()
 
 

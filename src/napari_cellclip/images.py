@@ -68,35 +68,41 @@ def read_image(path, frame: int | None = None, axes: str | None = None) -> np.nd
     return data
 
 
-def _row_get(row, key):
+def row_value(row, key):
+    """``row[key]`` of a fields-table row (Series or mapping); None when absent or missing (None, NaN, NA)."""
     if isinstance(row, Mapping):
-        return row.get(key)
-    return row[key] if key in row.index else None
+        value = row.get(key)
+    else:
+        value = row[key] if key in row.index else None
+    if value is None:
+        return None
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):  # non-scalar values are not "missing"
+        pass
+    return value
 
 
 def channel_path(row, stain: str) -> Path:
     """Absolute path of ``stain``'s image in a fields-table row."""
-    name = _row_get(row, f"FileName_Orig{stain}")
-    folder = _row_get(row, f"PathName_Orig{stain}")
-    if name is None or (isinstance(name, float) and np.isnan(name)) or name == "":
+    name = row_value(row, f"FileName_Orig{stain}")
+    folder = row_value(row, f"PathName_Orig{stain}")
+    if name is None or name == "":
         raise ImageReadError(
-            f"{_row_get(row, 'Metadata_Plate')}/{_row_get(row, 'Metadata_Well')} site "
-            f"{_row_get(row, 'Metadata_Site')}",
+            f"{row_value(row, 'Metadata_Plate')}/{row_value(row, 'Metadata_Well')} site "
+            f"{row_value(row, 'Metadata_Site')}",
             f"no image for stain {stain!r}",
         )
     return Path(str(folder)) / str(name)
 
 
-def _frame(row, stain: str) -> int | None:
-    value = _row_get(row, f"Frame_Orig{stain}")
-    if value is None:
-        return None
-    try:
-        if np.isnan(value):
-            return None
-    except TypeError:
-        pass
-    return int(value)
+def channel_frame(row, stain: str) -> int | None:
+    """Channel index of ``stain`` inside a multi-channel file, or None for a single-channel file."""
+    value = row_value(row, f"Frame_Orig{stain}")
+    return None if value is None else int(value)
 
 
 def load_field(row, stains: Sequence[str] | None = None) -> np.ndarray:
@@ -109,12 +115,12 @@ def load_field(row, stains: Sequence[str] | None = None) -> np.ndarray:
     if stains is None:
         keys = row.keys() if isinstance(row, Mapping) else row.index
         stains = [k[len("FileName_Orig"):] for k in keys if str(k).startswith("FileName_Orig")]
-    axes = _row_get(row, "Metadata_ChannelAxes")
+    axes = row_value(row, "Metadata_ChannelAxes")
     planes = []
     first = None
     for stain in stains:
         path = channel_path(row, stain)
-        plane = read_image(path, frame=_frame(row, stain), axes=axes if isinstance(axes, str) else None)
+        plane = read_image(path, frame=channel_frame(row, stain), axes=axes if isinstance(axes, str) else None)
         if first is None:
             first = (path, plane.shape)
         elif plane.shape != first[1]:
