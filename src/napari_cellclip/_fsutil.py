@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -36,3 +37,24 @@ def atomic_dir(final) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_DIGEST_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path) -> str:
+    """blake2b (20 bytes, hex) of a file's contents, memoised per (path, size, mtime) in this process.
+
+    Raises OSError when the file cannot be read.
+    """
+    path = Path(path)
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    digest = _DIGEST_MEMO.get(memo_key)
+    if digest is None:
+        h = hashlib.blake2b(digest_size=20)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        digest = _DIGEST_MEMO[memo_key] = h.hexdigest()
+    return digest

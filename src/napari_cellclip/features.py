@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ._fsutil import file_digest
 from .errors import Cancelled, CellClipError, CellClipWarning, ImageReadError
 
 #: percentile normalisation applied by images.load_field_normalized
@@ -73,28 +74,12 @@ def default_cache_dir() -> Path:
 
 
 # -- hashing -----------------------------------------------------------------
-_FILE_MEMO: dict[tuple[str, int, int], str] = {}
-
-
 def _file_digest(path: Path) -> str:
-    """blake2b of a file's bytes (memoised per path + size + mtime in this process)."""
+    """Content digest of an image file; an unreadable file is an ImageReadError naming it."""
     try:
-        st = path.stat()
+        return file_digest(path)
     except OSError as exc:
         raise ImageReadError(path, f"file not found or not readable ({exc.strerror or exc})") from None
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
-    digest = _FILE_MEMO.get(memo_key)
-    if digest is None:
-        h = hashlib.blake2b(digest_size=20)
-        try:
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        except OSError as exc:
-            raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from None
-        digest = h.hexdigest()
-        _FILE_MEMO[memo_key] = digest
-    return digest
 
 
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._fsutil import file_digest
 from ..errors import CellClipError, CellClipWarning
 from .base import ChannelEncoder
 
@@ -45,20 +46,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_N_CROPS = 4
 _VERSION = "hf-v1"
-
-_FILE_HASH_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def _file_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASH_MEMO:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _FILE_HASH_MEMO[key] = h.hexdigest()
-    return _FILE_HASH_MEMO[key]
 
 
 def _looks_like_path(source: str) -> bool:
@@ -335,7 +322,7 @@ class HFEncoder(ChannelEncoder):
             digest = hashlib.blake2b(digest_size=16)
             for p in files:
                 digest.update(p.name.encode())
-                digest.update(_file_digest(p).encode())
+                digest.update(file_digest(p).encode())
             return f"dir:{digest.hexdigest()}"  # content only: a moved copy keeps its cache
         commit = getattr(config, "_commit_hash", None)
         return f"hub:{src}@{revision or 'main'}:{commit or 'unknown'}"
