@@ -217,17 +217,16 @@ def annotate(
     missing_samples: set[str] = set()
     nameless: set[str] = set()
     indexed = {id(t): t.set_index("well") for t in plate_maps.values()}
-    for plate, well in zip(out["Metadata_Plate"], out["Metadata_Well"]):
+
+    def well_record(plate: str, well: str) -> dict:
+        """The perturbation columns of one well (the same for all its fields)."""
         pm = indexed[id(plate_maps[plate])]
         rec = dict.fromkeys(cols, "")
         rec["dose"] = np.nan
         rec["is_control"] = False
         if well not in pm.index:
-            missing_wells.append(f"{plate} {well}")
             rec["prompt"] = None
-            for k, v in rec.items():
-                cols[k].append(v)
-            continue
+            return rec
         pw = pm.loc[well]
         sample = pw["broad_sample"]
         rec["broad_sample"] = sample
@@ -268,8 +267,18 @@ def annotate(
             rec["is_control"] = bool(rec["control_type"])
         row.update({k: rec[k] for k in ("pert_iname", "smiles", "gene", "target_sequence", "control_type")})
         rec["prompt"] = build_prompt(row, templates)
+        return rec
+
+    by_well: dict[tuple[str, str], dict] = {}
+    for key in zip(out["Metadata_Plate"], out["Metadata_Well"]):
+        if key not in by_well:
+            by_well[key] = well_record(*key)
+        rec = by_well[key]
+        if rec["prompt"] is None:  # the platemap has no row for this well
+            missing_wells.append(f"{key[0]} {key[1]}")
         for k, v in rec.items():
             cols[k].append(v)
+
 
     if missing_wells:
         warnings.warn(f"{len(missing_wells)} field(s) in wells the platemap has no row for are left "
