@@ -94,9 +94,9 @@ def test_tvn_makes_control_covariance_identity_and_round_trips():
     plates = ["P1"] * (n // 2) + ["P2"] * (n // 2)
     controls = [True] * n
     fields = _table(plates, controls)
-    spec = corr.fit(x, fields, corr.make_spec("tvn", whiten_eps=1e-6))
+    spec = corr.fit(x, fields, corr.make_spec("tvn", whiten_eps=1e-6, shrinkage=0))
     assert corr.to_json(spec) == {"method": "tvn", "scale": True, "eps": 1e-6, "whiten_eps": 1e-6,
-                                  "fitted_on_fields": n}
+                                  "shrinkage": 0.0, "fitted_on_fields": n, "fitted_shrinkage": [0.0, 0.0]}
     y = corr.apply(x, fields, spec)
     for c in range(C):
         cov = np.cov(y[:, c].T)
@@ -111,6 +111,39 @@ def test_tvn_makes_control_covariance_identity_and_round_trips():
     bare = types.SimpleNamespace(config=model.config, extra_tensors={})
     with pytest.raises(CheckpointError, match="whitening"):
         corr.spec_for_model(bare)
+
+
+def test_ledoit_wolf_shrinkage_matches_sklearn():
+    covariance = pytest.importorskip("sklearn.covariance")
+    rng = np.random.default_rng(7)
+    for n, d in ((12, 40), (200, 10), (30, 30)):
+        x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+        xc = x - x.mean(0)
+        want = covariance.ledoit_wolf_shrinkage(xc, assume_centered=True)
+        assert corr.ledoit_wolf_shrinkage(xc) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_tvn_with_fewer_controls_than_features_is_well_conditioned():
+    # 6 control fields, 64 features: the sample covariance has rank 5, and plain
+    # whitening would scale the 59 empty directions by 1/sqrt(whiten_eps) = 10
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(20, 64)).astype(np.float32)
+    fields = _table(["P"] * 20, [True] * 6 + [False] * 14)
+    plain = corr.fit(x, fields, corr.make_spec("tvn", shrinkage=0))
+    auto = corr.fit(x, fields, corr.make_spec("tvn"))
+    assert auto["shrinkage"] == "auto" and 0.0 < auto["fitted_shrinkage"][0] <= 1.0
+    gain = lambda spec: np.linalg.svd(spec["_state"]["whiten"][0], compute_uv=False)  # noqa: E731
+    assert gain(plain).max() > 9.0
+    assert gain(auto).max() < 3.0
+    # the corrected non-control fields stay on the scale of the controls
+    y = corr.apply(x, fields, auto)
+    assert np.abs(y[6:]).std() < 3.0 < np.abs(corr.apply(x, fields, plain)[6:]).std()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "often", float("nan")])
+def test_tvn_rejects_bad_shrinkage(bad):
+    with pytest.raises(CellClipError, match="shrinkage"):
+        corr.make_spec("tvn", shrinkage=bad)
 
 
 def test_tvn_state_file_round_trip(tmp_path):

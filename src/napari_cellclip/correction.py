@@ -16,7 +16,13 @@ controls (DMSO) *of its own plate*:
     the *training* plates, so that the variation seen among controls has
     identity covariance.  For (N, C, D) channel features the whitening is
     fitted per channel in D dimensions (ZCA form, so the channel/feature
-    layout the model expects is kept).  Its matrices are fitted once
+    layout the model expects is kept).  The control covariance is shrunk
+    towards a scaled identity (Ledoit & Wolf 2004, ``shrinkage="auto"``, or a
+    fixed weight in [0, 1]): a plate set rarely has more control fields than
+    feature dimensions (the bundled sample: 6 DMSO fields for 128 features
+    per channel), and inverting a rank-deficient sample covariance would
+    amplify noise directions by up to ``1/sqrt(whiten_eps)``.  The shrinkage
+    used is recorded in the spec.  Its matrices are fitted once
     (:func:`fit`) and stored as tensors in the checkpoint's model.safetensors
     (``extra.feature_correction.*``, :func:`attach_to_model` /
     :func:`spec_for_model`), never in JSON.
@@ -25,7 +31,7 @@ A correction is described by a small json-serialisable *spec* recorded in
 ``CellCLIPConfig.feature_correction`` (``None`` = off)::
 
     {"method": "center_scale"}
-    {"method": "tvn", "scale": true, "eps": 1e-06, "whiten_eps": 0.01}
+    {"method": "tvn", "scale": true, "eps": 1e-06, "whiten_eps": 0.01, "shrinkage": "auto"}
 
 Works on any array whose first axis is the field axis: frozen channel features
 (N, C, D) before training, or embeddings (N, E) for evaluation, search and the
@@ -59,6 +65,7 @@ def make_spec(method: str | None, **options) -> dict | None:
             "eps": float(options.pop("eps", 1e-6))}
     if method == "tvn":
         spec["whiten_eps"] = float(options.pop("whiten_eps", 1e-2))
+        spec["shrinkage"] = _check_shrinkage(options.pop("shrinkage", "auto"))
     if options:
         raise CellClipError(f"unknown correction option(s): {', '.join(sorted(options))}")
     return spec
@@ -151,16 +158,48 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
 
 
 # ------------------------------------------------------------------ TVN whitening
-def _whitening(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """ZCA whitening (mean, W) of rows x (n, d): (x - mean) @ W has ~identity covariance."""
+def _check_shrinkage(value) -> str | float:
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        return "auto"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise CellClipError(f"TVN shrinkage must be 'auto' (Ledoit-Wolf) or a number in [0, 1], got {value!r}")
+    return v
+
+
+def ledoit_wolf_shrinkage(xc: np.ndarray) -> float:
+    """Ledoit-Wolf (2004) optimal weight of the scaled identity for centred rows ``xc`` (n, d).
+
+    The shrunk covariance is ``(1 - s) S + s (tr S / d) I`` with ``S = xc.T xc / n``.
+    """
+    n, d = xc.shape
+    if n < 2:
+        return 1.0
+    s = xc.T @ xc / n
+    mu = np.trace(s) / d
+    delta = float(((s - mu * np.eye(d)) ** 2).sum()) / d
+    if delta <= 0.0:
+        return 1.0
+    beta = (float((np.einsum("ij,ij->i", xc, xc) ** 2).sum()) / n - float((s**2).sum())) / (n * d)
+    return float(min(max(beta, 0.0), delta) / delta)
+
+
+def _whitening(x: np.ndarray, eps: float, shrinkage="auto") -> tuple[np.ndarray, np.ndarray, float]:
+    """ZCA whitening (mean, W, shrinkage) of rows x (n, d) with a shrunk covariance:
+    (x - mean) @ W has ~identity covariance when there are enough rows."""
     mu = x.mean(axis=0)
     xc = x - mu
-    n = max(x.shape[0] - 1, 1)
-    cov = xc.T @ xc / n
+    n, d = xc.shape
+    sample = xc.T @ xc / max(n - 1, 1)
+    s = ledoit_wolf_shrinkage(xc) if shrinkage == "auto" else float(shrinkage)
+    cov = (1.0 - s) * sample + s * (np.trace(sample) / d) * np.eye(d)
     evals, evecs = np.linalg.eigh(cov)
     evals = np.clip(evals, 0.0, None)
     w = (evecs / np.sqrt(evals + eps)) @ evecs.T
-    return mu.astype(np.float32), w.astype(np.float32)
+    return mu.astype(np.float32), w.astype(np.float32), s
 
 
 def fit(features, fields, spec: Mapping | None) -> dict | None:
@@ -184,15 +223,18 @@ def fit(features, fields, spec: Mapping | None) -> dict | None:
                       CellClipWarning, stacklevel=2)
     ref = ref.astype(np.float64)
     eps = float(spec.get("whiten_eps", 1e-2))
+    # specs written before shrinkage existed mean the plain sample covariance
+    shrink = _check_shrinkage(spec.get("shrinkage", 0.0))
     if ref.ndim == 3:  # (N, C, D): per channel
-        mus, ws = zip(*(_whitening(ref[:, c], eps) for c in range(ref.shape[1])))
+        mus, ws, used = zip(*(_whitening(ref[:, c], eps, shrink) for c in range(ref.shape[1])))
         mean, w = np.stack(mus), np.stack(ws)
     else:
         flat = ref.reshape(ref.shape[0], -1)
-        mean, w = _whitening(flat, eps)
-        mean, w = mean[None], w[None]
+        mean, w, used = _whitening(flat, eps, shrink)
+        mean, w, used = mean[None], w[None], (used,)
     spec[_STATE_KEY] = {"mean": mean, "whiten": w}
     spec["fitted_on_fields"] = int(ref.shape[0])
+    spec["fitted_shrinkage"] = [round(float(u), 4) for u in used]
     return spec
 
 
