@@ -94,12 +94,18 @@ def test_multipositive_batches_repeat_prompts_cover_every_well_and_shard():
         make_batch_sampler("nope", pids, 4)
 
 
-def test_fit_batching_multipositive_vs_distinct(tmp_path, cellclip_cache_dir):
+def test_fit_batching_multipositive_vs_distinct(tmp_path, cellclip_cache_dir, capsys):
+    from transformers.utils import logging as hf_logging
+
     from training.loop import fit
 
     kw = dict(TINY, epochs=2, cache_dir=str(cellclip_cache_dir), seed=1)
+    assert hf_logging.is_progress_bar_enabled()
     mp = fit(output=str(tmp_path / "mp"), batching="multipositive", batch_size=4, **kw)
     d = fit(output=str(tmp_path / "d"), batching="distinct", batch_size=4, **kw)
+    # quiet: not even transformers' "Loading weights" bar; its setting is restored afterwards
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()
     # the sample: 4 wells (2 DMSO) → one batch of all 4 wells vs 2 batches of 2 distinct prompts
     assert (mp["batch_size"], mp["steps_per_epoch"], mp["batching"]) == (4, 1, "multipositive")
     assert (d["batch_size"], d["steps_per_epoch"], d["batching"]) == (3, 2, "distinct")

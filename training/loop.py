@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -319,6 +320,25 @@ def load_model_weights(model, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ fit
+def _hf_bars_follow_quiet(fn):
+    """``quiet=True`` or ``no_progress=True`` also silences transformers' own
+    "Loading weights" bars while ``fn`` runs (restored afterwards)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not (kwargs.get("quiet") or kwargs.get("no_progress")):
+            return fn(*args, **kwargs)
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+    return wrapper
+
+
 FIT_DEFAULTS = dict(
     data=None, platemap=None, barcode_platemap=None, annotations=None, channel_map=None,
     cell_line="A549", output=DEFAULT_OUTPUT, encoder="morphology", text_encoder="all-MiniLM-L6-v2",
@@ -332,6 +352,7 @@ FIT_DEFAULTS = dict(
 )
 
 
+@_hf_bars_follow_quiet
 def fit(**kwargs) -> dict:
     """Train CellCLIP; returns a summary dict (paths, steps, validation report)."""
     unknown = set(kwargs) - set(FIT_DEFAULTS)
@@ -646,6 +667,7 @@ def resolve_checkpoint(path) -> Path:
     raise CheckpointError(f"{p}: not a checkpoint folder (no config.json)")
 
 
+@_hf_bars_follow_quiet
 def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
              channel_map=None, cell_line="A549", correction="checkpoint", device="auto", cache_dir=None,
              extract_batch_size=8, num_workers=0, output=None, quiet=False, no_progress=False) -> dict:
