@@ -26,8 +26,9 @@ guarantees that:
   prompts are the text candidates; same-prompt wells are positives of each
   other, see ``napari_cellclip.losses``).  Batches are as large as asked, so
   each step contrasts many wells against all the batch's prompts.  Default:
-  with CWCL on the real LINCS plates (morphology features, TVN, 240 epochs,
-  seeds 0-2; benchmarks/lincs_eval.json) it is the better of the two over
+  with CWCL on the real LINCS plates (morphology features, TVN without
+  covariance shrinkage, 240 epochs, seeds 0-2; the benchmarks/lincs_eval.json
+  of commit 11a336b) it is the better of the two over
   both directions -- spec split (test SQ00015231) well-level R@1
   image->text 1/1/0.75, text->image 1/1/1, against 1/1/1 and 1/0.67/0.67 for
   distinct batches -- and over leave-one-plate-out (well image->text mean
