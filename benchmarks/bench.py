@@ -11,7 +11,7 @@ interleaved, best of N):
    workers → one forward per batch → shards → store) vs (a) the published-style baseline
    (per field, per channel: grey → RGB, HF BitImageProcessor on the CPU, one field per
    forward, fp32) vs (b) the bare encoder forward on crops already in memory (the floor).
-2. Weight-free ``morphology`` encoder on the same fields: pipeline vs
+2. Weight-free ``morphology`` encoder on 32 such fields: pipeline vs
    features.extract_features (no cache) vs its bare forward.
 3. Training steps/s from cached features, CWCL, same CellCLIP model and identical random
    inputs: the fit path (vectorised CWCL weights, fused AdamW where torch has it, bf16
@@ -151,7 +151,6 @@ def vit_gflop_per_crop(d=384, layers=12, tokens=257, patch=14) -> float:
 
 # -------------------------------------------------------------------------- rows
 def row_dinov2(tmp: Path, n_fields: int, reps: int, device: str):
-    import pandas as pd
     import torch
     from transformers import BitImageProcessor, Dinov2Model
 
@@ -224,12 +223,13 @@ def row_morphology(tmp: Path, n_fields: int, reps: int, device: str):
     from napari_cellclip.pipeline import FieldPrep, run_job
     from napari_cellclip.images import load_field
 
-    import pandas as pd
-
     dev = resolve_device(device)
     ckpt = make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
     model = load_model(ckpt, device=str(dev))
-    fields = pd.read_parquet(tmp / "fields1080.parquet").iloc[:n_fields].reset_index(drop=True)
+    # its own field set, large enough that the job's fixed start-up (DataLoader worker, shard
+    # files, merge) is a small part of the time
+    log(f"row 2: writing {n_fields} 5×1080×1080 uint16 TIFF fields")
+    fields = synth_fields(tmp / "fields1080m", n_fields, 1080, seed=2)
     enc = get_encoder("morphology", device=dev)
     bs = 4
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
@@ -559,8 +559,17 @@ def machine_info(device: str) -> str:
             f"{platform.system()} {platform.release()}; load average at start {load[0]:.2f}")
 
 
-def render(r1, r2, r4, r5, info, cmd, elapsed, r3=None) -> str:
-    L = [f"Machine: {info}", "", f"Command: `{cmd}` ({elapsed / 60:.1f} min)", ""]
+def render(r1, r2, r4, r5, info, cmd, elapsed, r3=None, runs=None) -> str:
+    L = [f"Machine: {info}", "", f"This run: `{cmd}` ({elapsed / 60:.1f} min)", ""]
+    if runs:
+        by_cmd = {}
+        for key in sorted(runs):
+            r = runs[key]
+            extra = ", ".join(x for x in (f"{r['minutes']} min" if "minutes" in r else "",
+                                          f"load average {r['load_average_at_start']} at its start"
+                                          if "load_average_at_start" in r else "") if x)
+            by_cmd.setdefault(r["command"], []).append(f"row {key[1:]}" + (f": {extra}" if extra else ""))
+        L += ["Rows come from: " + "; ".join(f"`{c}` ({'; '.join(v)})" for c, v in by_cmd.items()), ""]
     L += ["| # | measurement | A | B | ratio A/B | goal | met |", "|---|---|---|---|---|---|---|"]
     if r1:
         f = r1["fps"]
@@ -638,21 +647,34 @@ def main(argv=None) -> int:
     info = machine_info(args.device)
     log(info)
     q = args.quick
+    cmd = "python benchmarks/bench.py" + (" --quick" if q else "") + \
+        (f" --device {args.device}" if args.device != "auto" else "") + \
+        (f" --rows {args.rows}" if args.rows != "1,2,3,4,5" else "")
     with tempfile.TemporaryDirectory(prefix="cellclip-bench-") as td:
         tmp = Path(args.workdir) if args.workdir else Path(td)
         tmp.mkdir(parents=True, exist_ok=True)
-        r1 = row_dinov2(tmp, 6 if q else 16, 1 if q else 2, args.device) if rows & {1, 2} else None
-        r2 = row_morphology(tmp, 4 if q else 8, 1 if q else 2, args.device) if 2 in rows else None
+        runs = {}
+
+        def timed(key, fn, *a):
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            t = time.perf_counter()
+            out = fn(*a)
+            runs[key] = {"command": cmd, "minutes": round((time.perf_counter() - t) / 60, 1),
+                         "load_average_at_start": round(load, 2)}
+            return out
+
+        # 48 fields: the job's fixed start-up (worker process, first batch, merge: ~1 s) is then
+        # a small part of a run, as it is on a real plate
+        r1 = timed("r1", row_dinov2, tmp, 8 if q else 48, 1 if q else 2, args.device) if 1 in rows else None
+        r2 = timed("r2", row_morphology, tmp, 8 if q else 32, 1 if q else 2, args.device) if 2 in rows else None
         if not (tmp / "ckpt-dino").exists():
             make_checkpoint(tmp / "ckpt-dino", f"hf:{make_dinov2(tmp / 'dinov2-small')}", 384)
         if not (tmp / "ckpt-morph").exists():
             make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
-        r3 = row_train(tmp, 4 if q else 10, 2 if q else 3, args.device) if 3 in rows else None
-        r4 = row_query(tmp, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], 10 if q else 30) \
+        r3 = timed("r3", row_train, tmp, 4 if q else 10, 2 if q else 3, args.device) if 3 in rows else None
+        r4 = timed("r4", row_query, tmp, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], 10 if q else 30) \
             if 4 in rows else None
-        r5 = row_memory(tmp, [200, 2000] if q else [1000, 10_000]) if 5 in rows else None
-    r1 = r1 if 1 in rows else None
-    r2 = r2 if 2 in rows else None
+        r5 = timed("r5", row_memory, tmp, [200, 2000] if q else [1000, 10_000]) if 5 in rows else None
     prev_path = HERE / "bench_raw.json"
     if rows != {1, 2, 3, 4, 5} and prev_path.exists():  # keep the other rows of the last run
         prev = json.loads(prev_path.read_text())
@@ -661,12 +683,12 @@ def main(argv=None) -> int:
         r3 = r3 or prev.get("r3")
         r4 = r4 or prev.get("r4")
         r5 = r5 or prev.get("r5")
-    cmd = "python benchmarks/bench.py" + (" --quick" if q else "") + \
-        (f" --device {args.device}" if args.device != "auto" else "") + \
-        (f" --rows {args.rows}" if args.rows != "1,2,3,4,5" else "")
-    table = render(r1, r2, r4, r5, info, cmd, time.perf_counter() - t0, r3=r3)
+        for key in ("r1", "r2", "r3", "r4", "r5"):
+            if key not in runs and prev.get(key) is not None:
+                runs[key] = prev.get("runs", {}).get(key, {"command": prev.get("command", "?")})
+    table = render(r1, r2, r4, r5, info, cmd, time.perf_counter() - t0, r3=r3, runs=runs)
     print(table)
-    raw = {"r1": r1, "r2": r2, "r3": r3, "r4": r4, "r5": r5, "machine": info, "command": cmd}
+    raw = {"r1": r1, "r2": r2, "r3": r3, "r4": r4, "r5": r5, "machine": info, "command": cmd, "runs": runs}
     (HERE / "bench_raw.json").write_text(json.dumps(raw, indent=1, default=str))
     if not args.no_write:
         write_results(table)
