@@ -198,3 +198,78 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "xdg" / "napari-cellclip" / "features"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir().parts[-3:] == (".cache", "napari-cellclip", "features")
+
+
+# ---------------------------------------------------------------- plate normalisation
+def _two_plate_table(tmp_path):
+    """2 plates × 3 fields of 2 uint16 channels; field k of a plate is (k + 1) × as bright."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for p, gain in (("P1", 1.0), ("P2", 3.0)):
+        for k in range(3):
+            rec = {"Metadata_Plate": p, "Metadata_Well": f"A{k + 1:02d}", "Metadata_Site": 1}
+            for c, s in enumerate(("DNA", "ER")):
+                img = (rng.gamma(2.0, 50.0, (40, 40)) * (k + 1) * gain * (c + 1)).clip(0, 65535).astype(np.uint16)
+                name = f"{p}_{k}_{s}.tif"
+                tifffile.imwrite(tmp_path / name, img)
+                rec[f"FileName_Orig{s}"], rec[f"PathName_Orig{s}"] = name, str(tmp_path)
+            rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def test_plate_ranges_keep_intensity_differences_within_a_plate(tmp_path):
+    from napari_cellclip.images import (PLATE_SAMPLE_STRIDE, field_ranges, load_field, load_field_normalized,
+                                        normalize_range, plate_ranges)
+
+    fields = _two_plate_table(tmp_path)
+    stains = ["DNA", "ER"]
+    ranges = plate_ranges(fields, stains)
+    assert set(ranges) == {"P1", "P2"} and ranges["P1"].shape == (2, 2)
+    k = PLATE_SAMPLE_STRIDE  # every k-th pixel in y and x of each sampled field
+    pix = np.concatenate([load_field(fields.iloc[i], stains)[:, ::k, ::k].reshape(2, -1) for i in range(3)],
+                         axis=1)
+    np.testing.assert_allclose(ranges["P1"], np.percentile(pix.astype(np.float32), [1, 99.9], axis=1).T,
+                               rtol=1e-5)
+    # P2 is 3x as bright: its range scales with it, so the same field position maps alike
+    np.testing.assert_allclose(ranges["P2"][:, 1] / ranges["P1"][:, 1], 3.0, rtol=0.15)
+    per_row = field_ranges(fields, stains, "plate")
+    assert all(np.array_equal(r, ranges[p]) for r, p in zip(per_row, fields["Metadata_Plate"]))
+    assert field_ranges(fields, stains, "field") == [None] * 6
+    bright = [normalize_range(load_field(fields.iloc[i], stains), per_row[i]).mean() for i in range(3)]
+    assert bright[0] < bright[1] < bright[2]  # the plate's dim field stays dim
+    own = [load_field_normalized(fields.iloc[i], stains).mean() for i in range(3)]
+    assert max(own) - min(own) < 0.25 * (bright[2] - bright[0])  # per-field percentiles erase it
+
+
+def test_plate_ranges_skip_unreadable_fields_and_bad_name(tmp_path):
+    from napari_cellclip.errors import CellClipError
+    from napari_cellclip.images import field_ranges, plate_ranges
+
+    fields = _two_plate_table(tmp_path)
+    (tmp_path / fields.loc[0, "FileName_OrigDNA"]).write_bytes(b"not a tiff")
+    r = plate_ranges(fields, ["DNA", "ER"])
+    assert set(r) == {"P1", "P2"}  # P1 from its 2 readable fields
+    with pytest.raises(CellClipError, match="normalization"):
+        field_ranges(fields, ["DNA", "ER"], "well")
+
+
+def test_extract_features_with_plate_normalisation(tmp_path):
+    import torch
+
+    from napari_cellclip.images import load_field, normalize_range, plate_ranges
+
+    fields = _two_plate_table(tmp_path)
+    enc = CountingEncoder()
+    by_field = extract_features(fields, enc, cache_dir=tmp_path / "cache")
+    by_plate = extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
+    assert enc.fields == 12  # different cache entries: nothing reused across normalisations
+    again = extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
+    assert enc.fields == 12
+    np.testing.assert_array_equal(again.features, by_plate.features)
+    ranges = plate_ranges(fields, ["DNA", "ER"])
+    x = normalize_range(load_field(fields.iloc[4], ["DNA", "ER"]), ranges["P2"])
+    want = enc.encode(torch.from_numpy(x)[None]).numpy()[0]
+    np.testing.assert_allclose(by_plate.features[4], want, atol=1e-5)
+    assert not np.allclose(by_plate.features, by_field.features)

@@ -270,6 +270,17 @@ def test_config_json_round_trip_keeps_unknown_keys():
         CellCLIPConfig(input_channels=3, stains=["DNA"])
 
 
+def test_config_input_normalization_default_round_trip_and_check():
+    # a config.json written before the option existed (and the published one) means per-field
+    old = CellCLIPConfig(embed_dim=8, vision_width=16, vision_heads=2).to_dict()
+    del old["input_normalization"]
+    assert CellCLIPConfig.from_dict(old).input_normalization == "field"
+    d = CellCLIPConfig(embed_dim=8, vision_width=16, vision_heads=2, input_normalization="plate").to_dict()
+    assert CellCLIPConfig.from_dict(json.loads(json.dumps(d))).input_normalization == "plate"
+    with pytest.raises(CheckpointError, match="input_normalization"):
+        CellCLIPConfig(input_normalization="well")
+
+
 def test_missing_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(CheckpointError):
         CellCLIP.from_pretrained(tmp_path / "nope")

@@ -141,6 +141,25 @@ def test_matches_embed_fields(plate, checkpoint, reference):
     assert reference.model_id == st.model_id
 
 
+def test_plate_normalisation_matches_embed_fields(plate, checkpoint, reference, tmp_path):
+    """A checkpoint trained on plate-normalised inputs embeds the same way in the job and the plugin."""
+    from napari_cellclip.embed import embed_fields, load_model
+    from napari_cellclip.encoders import get_encoder
+
+    m = model_mod.CellCLIP.from_pretrained(checkpoint)
+    m.config.input_normalization = "plate"
+    ck = m.save_pretrained(tmp_path / "plate-model")
+    out = tmp_path / "job"
+    s = pipeline.run_job(plate, ck, out, shard_size=4, batch_size=2, workers=1, device="cpu", quiet=True, **OPT)
+    job = EmbeddingStore.load(out)
+    assert json.loads((out / "job.json").read_text())["input_normalization"] == "plate"
+    st = embed_fields(pd.read_parquet(plate), load_model(ck, device="cpu"), device="cpu", cache_dir=False,
+                      encoder=get_encoder("morphology", device="cpu", size=64))
+    assert s["n_embedded"] == 12 and st.info["input_normalization"] == "plate"
+    np.testing.assert_allclose(job.embeddings, st.embeddings, atol=1e-5)
+    assert not np.allclose(job.embeddings, reference.embeddings, atol=1e-3)
+
+
 def test_kill_and_resume(plate, checkpoint, reference, tmp_path):
     out = tmp_path / "job"
     p = _cli(["--data", plate, "--checkpoint", checkpoint, "--out", out, "--device", "cpu", "--shard-size", 2,

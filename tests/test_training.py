@@ -297,6 +297,7 @@ def test_default_fit_on_the_sample_writes_a_loadable_checkpoint(tmp_path, cellcl
     assert cfg.stains == ["DNA", "ER", "RNA", "AGP", "Mito"]
     assert cfg.image_encoder == "morphology" and cfg.loss == "cwcl"
     assert cfg.feature_correction["method"] == "tvn"  # the default: per-plate DMSO centre-scale + TVN
+    assert cfg.input_normalization == "plate"  # the default: channels rescaled by plate percentiles
     assert "feature_correction.whiten" in model.extra_tensors
     assert cfg.training["epochs"] == 1 and cfg.text_tuning == "frozen"
     assert (out / "checkpoints" / "latest").is_file()

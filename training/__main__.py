@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="output folder")
     m = f.add_argument_group("model")
     m.add_argument("--encoder", default=D["encoder"], help="frozen channel encoder: morphology | hf:<id or dir>")
+    m.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"],
+                   help="rescale channels by their plate's intensity percentiles (keeps intensity "
+                        "differences between wells) or by each field's own; recorded in the checkpoint")
     m.add_argument("--text-encoder", default=D["text_encoder"], help="text encoder id/dir (default: bundled MiniLM)")
     m.add_argument("--text-tuning", default=D["text_tuning"], help="frozen | last:k | full")
     m.add_argument("--loss", default=D["loss"], choices=["cwcl", "clip", "siglip"])
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("extract", help="precompute and cache frozen features")
     _data_args(e)
     e.add_argument("--encoder", default=D["encoder"])
+    e.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"])
     e.add_argument("--output", "-o", metavar="NPZ", help="also write features + row index to this .npz")
 
     v = sub.add_parser("evaluate", help="cross-modal retrieval report of a checkpoint")
@@ -123,7 +127,8 @@ def _extract(a) -> int:
 
     fields = load_fields(a.data, platemap=a.platemap, barcode_platemap=a.barcode_platemap,
                          annotations=a.annotations, channel_map=a.channel_map, cell_line=a.cell_line)
-    feats, kept, enc = extract(fields, a.encoder, device=a.device, cache_dir=a.cache_dir,
+    feats, kept, enc = extract(fields, a.encoder, normalization=a.normalization, device=a.device,
+                               cache_dir=a.cache_dir,
                                batch_size=a.extract_batch_size, num_workers=a.num_workers,
                                progress=not a.no_progress, quiet=a.quiet)
     if a.output:

@@ -147,8 +147,8 @@ def load_fields(data=None, *, platemap=None, barcode_platemap=None, annotations=
     return fields.reset_index(drop=True)
 
 
-def extract(fields, encoder_spec="morphology", *, device="auto", cache_dir=None, batch_size=8,
-            num_workers=0, progress=True, quiet=False):
+def extract(fields, encoder_spec="morphology", *, normalization="field", device="auto", cache_dir=None,
+            batch_size=8, num_workers=0, progress=True, quiet=False):
     """Frozen features of every field (cached) → (features (N, C, D), fields of the rows kept, encoder)."""
     from napari_cellclip.encoders import get_encoder
     from napari_cellclip.features import extract_features
@@ -167,6 +167,7 @@ def extract(fields, encoder_spec="morphology", *, device="auto", cache_dir=None,
             bar.refresh()
     try:
         res = extract_features(fields, encoder, stains=stains_of(fields), cache_dir=cache_dir,
+                               normalization=normalization,
                                batch_size=batch_size, num_workers=num_workers, progress=cb)
     finally:
         if bar is not None:
@@ -341,7 +342,8 @@ def _hf_bars_follow_quiet(fn):
 
 FIT_DEFAULTS = dict(
     data=None, platemap=None, barcode_platemap=None, annotations=None, channel_map=None,
-    cell_line="A549", output=DEFAULT_OUTPUT, encoder="morphology", text_encoder="all-MiniLM-L6-v2",
+    cell_line="A549", output=DEFAULT_OUTPUT, encoder="morphology", normalization="plate",
+    text_encoder="all-MiniLM-L6-v2",
     text_tuning="frozen", loss="cwcl", embed_dim=256, vision_layers=2, vision_heads=8,
     pooling="attention", context_length=77, epochs=240, batch_size=64, batching="multipositive", lr=5e-4, text_lr=None,
     weight_decay=0.1, warmup=0.1, min_lr_ratio=0.0, grad_clip=1.0, seed=0, device="auto",
@@ -376,6 +378,9 @@ def fit(**kwargs) -> dict:
         raise CellClipError(f"unknown precision {a['precision']!r}; choose auto, fp32, bf16 or fp16")
     if a["loss"] not in ("cwcl", "clip", "siglip"):
         raise CellClipError(f"unknown loss {a['loss']!r}; choose cwcl, clip or siglip")
+    from napari_cellclip.images import check_normalization
+
+    a["normalization"] = check_normalization(a["normalization"])
     if a["batching"] not in BATCHINGS:
         raise CellClipError(f"unknown batching {a['batching']!r}; choose {' or '.join(BATCHINGS)}")
     if int(a["epochs"]) < 1 or int(a["batch_size"]) < 1:
@@ -401,7 +406,8 @@ def fit(**kwargs) -> dict:
         t0 = time.perf_counter()
         if dist.enabled and not dist.main:
             dist.barrier()  # rank 0 fills the cache first
-        feats, fields, encoder = extract(fields, a["encoder"], device=device.type if device.type != "cuda"
+        feats, fields, encoder = extract(fields, a["encoder"], normalization=a["normalization"],
+                                         device=device.type if device.type != "cuda"
                                          else str(device), cache_dir=a["cache_dir"],
                                          batch_size=a["extract_batch_size"], num_workers=a["num_workers"],
                                          progress=not a["no_progress"] and dist.main, quiet=a["quiet"])
@@ -460,6 +466,7 @@ def fit(**kwargs) -> dict:
             vision_heads=heads, input_channels=C, context_length=int(a["context_length"]),
             pooling=a["pooling"], text_encoder=a["text_encoder"], text_tuning=a["text_tuning"],
             stains=stains, image_encoder=encoder.spec, feature_correction=corr.to_json(spec),
+            input_normalization=a["normalization"],
             loss=a["loss"], training=json.loads(json.dumps(train_args, default=str)))
         model = CellCLIP(config)
         corr.attach_to_model(model, spec)
@@ -691,7 +698,8 @@ def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, ann
 
     if list(stains_of(fields)) != want:
         fields = reorder_stains(fields, want)
-    feats, fields, _ = extract(fields, model.config.image_encoder or "morphology", device=str(dev),
+    feats, fields, _ = extract(fields, model.config.image_encoder or "morphology",
+                               normalization=getattr(model.config, "input_normalization", "field"), device=str(dev),
                                cache_dir=cache_dir, batch_size=extract_batch_size,
                                num_workers=num_workers, progress=not no_progress, quiet=quiet)
     if correction == "checkpoint":

@@ -360,6 +360,7 @@ def embed_fields(
         "image_encoder": getattr(encoder, "spec", str(encoder)),
         "encoder_identity": getattr(encoder, "identity", ""),
         "stains": stains,
+        "input_normalization": getattr(cfg, "input_normalization", "field"),
         "feature_correction": (correction.to_json(spec) if correction is not None else None),
         "n_input_fields": n,
     }
@@ -390,7 +391,7 @@ def embed_fields(
     res = features_mod.extract_features(
         fields, encoder, stains=stains or None, cache_dir=None if no_cache else cache_dir,
         batch_size=batch_size, progress=_extract_progress, should_stop=should_stop,
-        use_cache=not no_cache,
+        use_cache=not no_cache, normalization=getattr(cfg, "input_normalization", "field"),
     )
     index = np.asarray(res.index, dtype=np.int64)
     skipped = [[int(p), str(m)] for p, m in (res.skipped or [])]

@@ -12,7 +12,8 @@ Cache layout (``default_cache_dir()`` unless ``cache_dir`` is given)::
         <key[:2]>/<key>.npy          # float32 (C, D), one per field
 
 ``key`` is a blake2b digest of: the encoder identity, the normalisation
-parameters, and, per channel in order, the stain name, the blake2b digest of the
+parameters (the percentiles, or under plate normalisation the plate's fixed
+per-channel range itself), and, per channel in order, the stain name, the blake2b digest of the
 channel file's raw bytes and the frame index (multi-channel TIFF) — so a cached
 field is never decoded, and a changed file, stain order, frame, normalisation or
 encoder gives a new key.  Entries are written to a temporary file and moved into
@@ -83,12 +84,20 @@ def _file_digest(path: Path) -> str:
 
 
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
-                    low: float = NORM_LOW, high: float = NORM_HIGH) -> str:
-    """Cache key of one field (see module doc); raises ImageReadError for a missing file."""
+                    low: float = NORM_LOW, high: float = NORM_HIGH, ranges=None) -> str:
+    """Cache key of one field (see module doc); raises ImageReadError for a missing file.
+
+    ``ranges``: the field's fixed (C, 2) intensity range under plate normalisation
+    (None: per-field percentiles ``low``/``high``).
+    """
     from .images import channel_frame, channel_path, row_value
 
     h = hashlib.blake2b(digest_size=20)
-    h.update(f"{_KEY_VERSION}\0{encoder_identity}\0norm=p{low:g}-{high:g}\0".encode())
+    if ranges is None:
+        norm = f"p{low:g}-{high:g}"
+    else:
+        norm = "range:" + ",".join(f"{float(v):.7g}" for v in np.asarray(ranges).ravel())
+    h.update(f"{_KEY_VERSION}\0{encoder_identity}\0norm={norm}\0".encode())
     axes = row_value(row, "Metadata_ChannelAxes")
     if axes:
         h.update(f"axes={axes}\0".encode())
@@ -166,19 +175,24 @@ def clear_cache(cache_dir=None) -> None:
 class _FieldDataset:
     """Map-style dataset over fields to decode: item → (pos, array | None, message | None)."""
 
-    def __init__(self, rows: list[dict], positions: list[int], stains: list[str], low: float, high: float):
+    def __init__(self, rows: list[dict], positions: list[int], stains: list[str], low: float, high: float,
+                 ranges: list | None = None):
         self.rows, self.positions, self.stains = rows, positions, stains
         self.low, self.high = low, high
+        self.ranges = ranges if ranges is not None else [None] * len(rows)
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int):
-        from .images import load_field_normalized
+        from .images import load_field, load_field_normalized, normalize_range
 
         pos = self.positions[i]
         try:
-            arr = load_field_normalized(self.rows[i], self.stains, low=self.low, high=self.high)
+            if self.ranges[i] is None:
+                arr = load_field_normalized(self.rows[i], self.stains, low=self.low, high=self.high)
+            else:
+                arr = normalize_range(load_field(self.rows[i], self.stains), self.ranges[i])
             return pos, np.ascontiguousarray(arr, dtype=np.float32), None
         except CellClipError as exc:
             return pos, None, (str(exc), getattr(exc, "path", None))
@@ -212,6 +226,7 @@ def extract_features(
     use_cache: bool = True,
     low: float = NORM_LOW,
     high: float = NORM_HIGH,
+    normalization: str = "field",
 ) -> FeatureResult:
     """Per-channel frozen features of every field of ``fields``.
 
@@ -232,6 +247,10 @@ def extract_features(
         Called after each batch (and once at the start with the cached count).
     should_stop : callable() -> bool, optional
         Checked between batches; when it returns True, :class:`Cancelled` is raised.
+    normalization : ``"field"`` or ``"plate"``
+        How channels are rescaled before encoding (:data:`napari_cellclip.images.NORMALIZATIONS`):
+        by each field's own ``low``/``high`` percentiles, or by its plate's
+        (:func:`napari_cellclip.images.plate_ranges`, from a sample of the plate's fields).
 
     Returns
     -------
@@ -252,6 +271,9 @@ def extract_features(
     c, d = len(stains), int(encoder.dim)
     batch_size = max(1, int(batch_size))
     rows = [r for r in fields.to_dict(orient="records")]
+    from .images import field_ranges
+
+    ranges = field_ranges(fields, stains, normalization, low, high)
 
     def _stop():
         if should_stop is not None and should_stop():
@@ -269,7 +291,7 @@ def extract_features(
     for pos, row in enumerate(rows):
         if use_cache:
             try:
-                key = field_cache_key(row, stains, encoder.identity, low, high)
+                key = field_cache_key(row, stains, encoder.identity, low, high, ranges[pos])
             except CellClipError as exc:
                 errors[pos] = (str(exc), getattr(exc, "path", None))
                 continue
@@ -286,7 +308,7 @@ def extract_features(
 
     if todo:
         _stop()
-        dataset = _FieldDataset([rows[p] for p in todo], todo, stains, low, high)
+        dataset = _FieldDataset([rows[p] for p in todo], todo, stains, low, high, [ranges[p] for p in todo])
         workers = max(0, int(num_workers))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers,

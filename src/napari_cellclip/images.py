@@ -157,6 +157,84 @@ def normalize(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> np.ndarr
     return out[0] if single else out
 
 
+#: How a field's channels are rescaled to [0, 1] before encoding.  ``field``: each
+#: field by its own percentiles (every field spans [0, 1], so a treatment that dims
+#: or brightens a stain is invisible to the encoder).  ``plate``: every field of a
+#: plate by the same per-channel percentiles, taken over a sample of that plate's
+#: fields (:func:`plate_ranges`), so intensity differences between the wells of a
+#: plate reach the encoder; the per-plate DMSO correction then removes plate effects.
+NORMALIZATIONS = ("field", "plate")
+PLATE_SAMPLE_FIELDS = 16
+PLATE_SAMPLE_STRIDE = 2
+
+
+def check_normalization(normalization: str) -> str:
+    value = str(normalization).lower()
+    if value not in NORMALIZATIONS:
+        from .errors import CellClipError
+
+        raise CellClipError(f"unknown input normalization {normalization!r}; choose "
+                            f"{' or '.join(NORMALIZATIONS)}")
+    return value
+
+
+def normalize_range(img: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Rescale each channel of ``img`` (C, H, W) with fixed ``ranges`` (C, 2) = (lo, hi) to [0, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    lo, hi = np.asarray(ranges, dtype=np.float32).T
+    scale = hi - lo
+    flat_ch = scale <= 0
+    scale = np.where(flat_ch, np.float32(1.0), scale)
+    out = (arr - lo[:, None, None]) / scale[:, None, None]
+    out[flat_ch] = 0.0
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 99.9,
+                 max_fields: int = PLATE_SAMPLE_FIELDS, stride: int = PLATE_SAMPLE_STRIDE) -> dict:
+    """Per plate, per channel intensity range: ``{plate: (C, 2) float32 array of (lo, hi)}``.
+
+    The ``low``/``high`` percentiles over up to ``max_fields`` fields spread evenly
+    through the plate's rows (every ``stride``-th pixel in y and x).  The sample is
+    deterministic, so a resumed or repeated job gets the same ranges.  Fields that
+    cannot be read are skipped; a plate with no readable field is left out (its
+    fields then fail to read anyway, or fall back to per-field normalisation).
+    """
+    from .errors import ImageReadError
+
+    stains = list(stains)
+    plates = (fields["Metadata_Plate"].astype(str).to_numpy() if "Metadata_Plate" in fields.columns
+              else np.array([""] * len(fields)))
+    out = {}
+    for plate in dict.fromkeys(plates):
+        idx = np.flatnonzero(plates == plate)
+        pick = idx[np.unique(np.linspace(0, len(idx) - 1, min(len(idx), max(1, int(max_fields)))).round().astype(int))]
+        samples = []
+        for i in pick:
+            try:
+                img = load_field(fields.iloc[int(i)], stains)
+            except ImageReadError:
+                continue
+            samples.append(np.asarray(img)[:, ::stride, ::stride].reshape(len(stains), -1))
+        if not samples:
+            continue
+        pix = np.concatenate(samples, axis=1).astype(np.float32, copy=False)
+        out[plate] = np.percentile(pix, [low, high], axis=1).T.astype(np.float32)
+    return out
+
+
+def field_ranges(fields, stains: Sequence[str], normalization: str = "field", low: float = 1.0,
+                 high: float = 99.9) -> list:
+    """Per row of ``fields``: its (C, 2) intensity range, or None for per-field percentiles."""
+    if check_normalization(normalization) == "field":
+        return [None] * len(fields)
+    ranges = plate_ranges(fields, stains, low, high)
+    plates = (fields["Metadata_Plate"].astype(str).to_numpy() if "Metadata_Plate" in fields.columns
+              else [""] * len(fields))
+    return [ranges.get(p) for p in plates]
+
+
 def load_field_normalized(row, stains: Sequence[str] | None = None, low: float = 1.0, high: float = 99.9) -> np.ndarray:
     """:func:`load_field` followed by :func:`normalize`: float32 (C, H, W) in [0, 1]."""
     return normalize(load_field(row, stains), low=low, high=high)

@@ -94,6 +94,12 @@ class CellCLIPConfig:
     ``text_tuning``: "frozen", "last:k" (the last k transformer layers and the
     pooler train, embeddings and earlier layers are frozen) or "full".
 
+    ``input_normalization``: how channels were rescaled before the frozen
+    encoder during training, and so must be wherever this model embeds
+    ("field": each field by its own percentiles; "plate": by its plate's, see
+    :data:`napari_cellclip.images.NORMALIZATIONS`).  Checkpoints written before
+    the option existed, and the published one, mean "field".
+
     Keys of a ``config.json`` that are not fields are kept in ``extras`` and
     written back unchanged.
     """
@@ -111,6 +117,7 @@ class CellCLIPConfig:
     stains: list[str] | None = None
     image_encoder: str | None = "hf:facebook/dinov2-giant"
     feature_correction: dict | None = None
+    input_normalization: str = "field"
     loss: str = "cwcl"
     training: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
@@ -140,6 +147,8 @@ class CellCLIPConfig:
         _parse_tuning(self.text_tuning)
         if self.loss not in ("cwcl", "clip", "siglip"):
             raise CheckpointError(f"loss must be cwcl|clip|siglip, got {self.loss!r}")
+        if self.input_normalization not in ("field", "plate"):
+            raise CheckpointError(f"input_normalization must be field|plate, got {self.input_normalization!r}")
         if self.stains is None:
             self.stains = (
                 list(DEFAULT_STAINS)

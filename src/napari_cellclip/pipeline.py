@@ -40,11 +40,13 @@ How a field travels::
   one plate of features (correction) at a time; the merge streams.  Only the fields
   table itself (a few hundred bytes per field) grows with the number of fields.
 
-Normalisation is the one of :func:`napari_cellclip.images.normalize` (1st–99.9th
-percentile per channel over the whole field), computed from a histogram for 8/16-bit
-images (bit-identical to ``np.percentile``, ~8× faster) and applied to the encoder's
-region only.  Features therefore match :func:`napari_cellclip.features.extract_features`
-to float rounding.
+Normalisation is the checkpoint's ``input_normalization``.  ``field``: the one of
+:func:`napari_cellclip.images.normalize` (1st–99.9th percentile per channel over the
+whole field), computed from a histogram for 8/16-bit images (bit-identical to
+``np.percentile``, ~8× faster).  ``plate``: each plate's fixed per-channel range from
+:func:`napari_cellclip.images.plate_ranges`, computed once when the job starts.  Either
+way it is applied to the encoder's region only.  Features therefore match
+:func:`napari_cellclip.features.extract_features` to float rounding.
 """
 
 from __future__ import annotations
@@ -146,12 +148,17 @@ class FieldPrep:
 
         return _axis(h), _axis(w)
 
-    def __call__(self, raw: np.ndarray) -> np.ndarray:
+    def __call__(self, raw: np.ndarray, ranges: np.ndarray | None = None) -> np.ndarray:
+        """``ranges``: fixed (C, 2) (lo, hi) per channel (plate normalisation); None: the
+        field's own ``low``/``high`` percentiles."""
         c, h, w = raw.shape
         ys, xs = self.region(h, w)
         out = np.empty((c, ys.stop - ys.start, xs.stop - xs.start), dtype=np.float32)
         for i in range(c):
-            lo, hi = fast_percentiles(raw[i], self.low, self.high)
+            if ranges is None:
+                lo, hi = fast_percentiles(raw[i], self.low, self.high)
+            else:
+                lo, hi = np.float32(ranges[i][0]), np.float32(ranges[i][1])
             if hi - lo <= 0:
                 out[i] = 0.0
                 continue
@@ -182,8 +189,9 @@ def field_prep_for(encoder, low: float = 1.0, high: float = 99.9) -> FieldPrep:
 class _Fields:
     """Map-style dataset over job rows: item → (row, prepared array | None, error | None)."""
 
-    def __init__(self, records: list[dict], stains: list[str], prep: FieldPrep):
+    def __init__(self, records: list[dict], stains: list[str], prep: FieldPrep, ranges: list | None = None):
         self.records, self.stains, self.prep = records, stains, prep
+        self.ranges = ranges if ranges is not None else [None] * len(records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -192,7 +200,7 @@ class _Fields:
         from .images import load_field
 
         try:
-            return i, self.prep(load_field(self.records[i], self.stains)), None
+            return i, self.prep(load_field(self.records[i], self.stains), self.ranges[i]), None
         except CellClipError as exc:
             return i, None, str(exc)
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill a long job
@@ -512,6 +520,7 @@ def run_job(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
         "image_encoder": getattr(encoder, "spec", ""), "encoder_identity": encoder.identity,
         "feature_dim": int(encoder.dim), "prep": prep.__dict__, "per_plate_units": per_plate,
+        "input_normalization": getattr(cfg, "input_normalization", "field"),
         "feature_correction": (correction.to_json(spec) if correction is not None else None),
     }
 
@@ -560,8 +569,13 @@ def run_job(
     t1 = time.perf_counter()
     n_fields_encoded = 0
     if todo:
+        from .images import field_ranges
+
         records = _records(job, stains)
-        dataset = _Fields(records, stains, prep)
+        # plate normalisation: ranges from a fixed sample of each plate's fields, so every
+        # rank and a resumed job get the same values
+        ranges = field_ranges(job, stains, job_meta["input_normalization"], prep.low, prep.high)
+        dataset = _Fields(records, stains, prep, ranges)
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_ShardBatches([shards[s] for s in todo], batch_size),
             num_workers=workers, collate_fn=_collate, pin_memory=(dev.type == "cuda"),

@@ -1,8 +1,9 @@
 """A weight-free per-channel encoder of classic image descriptors (``morphology``).
 
 No download, deterministic, plain torch (batched; runs on a GPU when given
-one).  Every stain plane (float in [0, 1], already percentile-normalised by
-:func:`napari_cellclip.images.load_field_normalized`) is first resampled once to
+one).  Every stain plane (float in [0, 1], already rescaled by its field's or
+its plate's percentiles, see :data:`napari_cellclip.images.NORMALIZATIONS`) is
+first resampled once to
 a ``size × size`` working image (area averaging; default 256, i.e. ~2.1 native
 px per working px for the 540 px LINCS fields), then described by ``D = 128``
 numbers, in this order:
