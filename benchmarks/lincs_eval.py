@@ -7,7 +7,8 @@
    CWCL, multi-positive batching, TVN; training.loop.FIT_DEFAULTS) trained on
    SQ00015198 + SQ00015230 on CPU, evaluated on SQ00015231: field- and
    well-level Recall@1 in both directions over the 3 prompts, for every
-   combination of --holdouts x --losses x --batchings x --corrections x --seeds.
+   combination of --holdouts x --normalizations x --losses x --batchings x
+   --corrections x --seeds.
 3. Separability of the frozen features themselves: per plate, after DMSO
    centre-and-scale, the distance between the two DMSO wells' mean
    morphology features, and from each treated well to its nearest DMSO well.
@@ -18,12 +19,13 @@
         [--output benchmarks/lincs_eval.json] [--workdir DIR] [--cache-dir DIR]
         [--holdouts SQ00015231 | all] [--losses cwcl siglip clip]
         [--batchings multipositive distinct] [--corrections tvn center_scale none]
+        [--normalizations plate field]
         [--seeds 0 1 2] [--skip-baseline] [--device cpu] [--fit '{"epochs": 240}']
 
 The file in the repository was written by
 
     python benchmarks/lincs_eval.py --holdouts all --seeds 0 1 2 \
-        --corrections tvn center_scale none
+        --corrections tvn center_scale none --normalizations plate field
 
 (the first summary row, cwcl + multipositive + tvn, is the default; the
 specified split is the SQ00015231 rows of it).
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=None,
                    help="feature cache (default: a fresh temp dir, so the wall time includes extraction)")
     p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"])
+    p.add_argument("--normalizations", nargs="+", default=["plate"], choices=["plate", "field"],
+                   help="input normalisation of the channels (fit --normalization)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--losses", nargs="+", default=["cwcl"])
     p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"])
@@ -93,23 +97,27 @@ def main(argv=None) -> int:
         report["baseline"] = base
 
     if not a.skip_baseline:
-        report["separability"] = separability(plate, platemap, cache, a.device)
-        for b, row in report["separability"]["per_plate"].items():
-            print(f"separability {b}: DMSO-DMSO {row['control_control']:.1f}  "
-                  + "  ".join(f"{k}->nearest DMSO {v:.1f}" for k, v in row["to_nearest_control"].items()))
-        for c, r in report["separability"]["nearest_centroid_on_these_features"].items():
-            print(f"nearest centroid on the morphology features, {c}: wells {r['wells_correct']}/{r['wells']}"
-                  f"  fields {r['fields_correct']}/{r['fields']}")
+        report["separability"] = {}
+        for norm in a.normalizations:
+            sep = report["separability"][norm] = separability(plate, platemap, cache, a.device, norm)
+            for b, row in sep["per_plate"].items():
+                print(f"separability ({norm}) {b}: DMSO-DMSO {row['control_control']:.1f}  "
+                      + "  ".join(f"{k}->nearest DMSO {v:.1f}" for k, v in row["to_nearest_control"].items()))
+            for c, r in sep["nearest_centroid_on_these_features"].items():
+                print(f"nearest centroid on the {norm}-normalised morphology features, {c}: wells "
+                      f"{r['wells_correct']}/{r['wells']}  fields {r['fields_correct']}/{r['fields']}")
 
     holdouts = PLATES if a.holdouts == ["all"] else a.holdouts
-    for held, loss, batching, corr, seed in [(h, lo, b, c, s) for h in holdouts for lo in a.losses
-                                             for b in a.batchings for c in a.corrections for s in a.seeds]:
+    for held, norm, loss, batching, corr, seed in [
+            (h, nm, lo, b, c, s) for h in holdouts for nm in a.normalizations for lo in a.losses
+            for b in a.batchings for c in a.corrections for s in a.seeds]:
         train = [b for b in PLATES if b != held]
         if True:
-            out = work / f"fit-{held}-{loss}-{batching}-{corr}-s{seed}"
+            out = work / f"fit-{held}-{norm}-{loss}-{batching}-{corr}-s{seed}"
             t0 = time.perf_counter()
             summary = fit(data=[plate(b) for b in train], platemap=platemap, output=str(out),
                           correction=corr, seed=seed, loss=loss, batching=batching, device=a.device,
+                          normalization=norm,
                           cache_dir=cache,
                           no_progress=True, quiet=True, **extra)
             t_fit = time.perf_counter() - t0
@@ -119,7 +127,8 @@ def main(argv=None) -> int:
             t_eval = time.perf_counter() - t1
             if a.workdir is None:
                 shutil.rmtree(out, ignore_errors=True)
-            run = {"test_plate": held, "train_plates": train, "loss": loss, "batching": batching, "correction": corr, "seed": seed, "fit_seconds": round(t_fit, 1),
+            run = {"test_plate": held, "train_plates": train, "loss": loss, "batching": batching, "correction": corr,
+                   "normalization": norm, "seed": seed, "fit_seconds": round(t_fit, 1),
                    "fit_extract_seconds": summary["extract_seconds"],
                    "train_seconds": summary["train_seconds"], "steps": summary["steps"],
                    "evaluate_seconds": round(t_eval, 1), "wall_seconds": round(t_fit + t_eval, 1),
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def separability(plate, platemap, cache, device) -> dict:
+def separability(plate, platemap, cache, device, normalization) -> dict:
     """Well-mean distances in DMSO-centre-scaled morphology feature space, per plate."""
     import numpy as np
 
@@ -153,11 +162,13 @@ def separability(plate, platemap, cache, device) -> dict:
 
     fields = load_fields([plate(b) for b in PLATES], platemap=platemap)
     t0 = time.perf_counter()
-    feats, fields, _ = extract(fields, "morphology", device=device, cache_dir=cache, quiet=True)
+    feats, fields, _ = extract(fields, "morphology", normalization=normalization, device=device,
+                               cache_dir=cache, quiet=True)
     t_extract = time.perf_counter() - t0
     x = center_scale(feats, fields).reshape(len(fields), -1)
     ctrl = control_mask(fields)
-    out = {"features": "morphology (5 x 128), per-plate DMSO centre-and-scale, well mean over fields",
+    out = {"features": f"morphology (5 x 128), {normalization} input normalisation, per-plate DMSO "
+                       "centre-and-scale, well mean over fields",
            "distance": "Euclidean", "extract_seconds": round(t_extract, 1), "per_plate": {}}
     # the baseline's rule on the model's own frozen features: what the features alone give
     out["nearest_centroid_on_these_features"] = {}
@@ -187,10 +198,11 @@ def _summarise(runs):
 
     groups = {}
     for r in runs:
-        groups.setdefault((r["loss"], r["batching"], r["correction"]), []).append(r)
+        groups.setdefault((r.get("normalization", "field"), r["loss"], r["batching"], r["correction"]),
+                          []).append(r)
     rows = []
-    for (loss, batching, corr), rs in groups.items():
-        row = {"loss": loss, "batching": batching, "correction": corr, "runs": len(rs),
+    for (norm, loss, batching, corr), rs in groups.items():
+        row = {"normalization": norm, "loss": loss, "batching": batching, "correction": corr, "runs": len(rs),
                "test_plates": sorted({r["test_plate"] for r in rs})}
         for lvl in ("field", "well"):
             for d in ("image_to_text", "text_to_image"):
@@ -217,7 +229,7 @@ def _print_run(run):
         for d, short in (("image_to_text", "i→t"), ("text_to_image", "t→i")):
             r = t[lvl][d]
             cells.append(f"{lvl} {short} R@1 {r['R@1']:.2f} ({r['n_queries']})")
-    print(f"CellCLIP test={run['test_plate']} loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
+    print(f"CellCLIP test={run['test_plate']} norm={run['normalization']} loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
           + f" | wall {run['wall_seconds']:.0f}s (fit {run['fit_seconds']:.0f}s, "
           f"extract {run['fit_extract_seconds']:.0f}s, train {run['train_seconds']:.0f}s)", flush=True)
 
