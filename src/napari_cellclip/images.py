@@ -201,11 +201,11 @@ def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 
     cannot be read are skipped; a plate with no readable field is left out (its
     fields then fail to read anyway, or fall back to per-field normalisation).
     """
+    from .correction import plate_keys
     from .errors import ImageReadError
 
     stains = list(stains)
-    plates = (fields["Metadata_Plate"].astype(str).to_numpy() if "Metadata_Plate" in fields.columns
-              else np.array([""] * len(fields)))
+    plates = plate_keys(fields)
     out = {}
     for plate in dict.fromkeys(plates):
         idx = np.flatnonzero(plates == plate)
@@ -229,10 +229,10 @@ def field_ranges(fields, stains: Sequence[str], normalization: str = "field", lo
     """Per row of ``fields``: its (C, 2) intensity range, or None for per-field percentiles."""
     if check_normalization(normalization) == "field":
         return [None] * len(fields)
+    from .correction import plate_keys
+
     ranges = plate_ranges(fields, stains, low, high)
-    plates = (fields["Metadata_Plate"].astype(str).to_numpy() if "Metadata_Plate" in fields.columns
-              else [""] * len(fields))
-    return [ranges.get(p) for p in plates]
+    return [ranges.get(p) for p in plate_keys(fields)]
 
 
 def load_field_normalized(row, stains: Sequence[str] | None = None, low: float = 1.0, high: float = 99.9) -> np.ndarray:
