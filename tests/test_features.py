@@ -243,6 +243,18 @@ def test_plate_ranges_keep_intensity_differences_within_a_plate(tmp_path):
     assert max(own) - min(own) < 0.25 * (bright[2] - bright[0])  # per-field percentiles erase it
 
 
+def test_plate_ranges_subsample_big_fields(tmp_path, monkeypatch):
+    import napari_cellclip.images as images
+
+    fields = _two_plate_table(tmp_path)  # 40 x 40 fields
+    seen = []
+    real = np.percentile
+    monkeypatch.setattr(images, "PLATE_SAMPLE_PIXELS", 100)  # a 40x40 field is now "big": stride 4
+    monkeypatch.setattr(images.np, "percentile", lambda a, *k, **kw: seen.append(a.shape) or real(a, *k, **kw))
+    images.plate_ranges(fields.iloc[:3], ["DNA", "ER"])
+    assert seen == [(2, 3 * 10 * 10)]
+
+
 def test_plate_ranges_skip_unreadable_fields_and_bad_name(tmp_path):
     from napari_cellclip.errors import CellClipError
     from napari_cellclip.images import field_ranges, plate_ranges

@@ -7,6 +7,7 @@ multi-channel files with a frame index), PNG through Pillow.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -166,6 +167,9 @@ def normalize(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> np.ndarr
 NORMALIZATIONS = ("field", "plate")
 PLATE_SAMPLE_FIELDS = 16
 PLATE_SAMPLE_STRIDE = 2
+#: at most about this many pixels per channel of each sampled field (a larger stride for
+#: big fields keeps a plate's sample near 16 × 0.26 M pixels per channel)
+PLATE_SAMPLE_PIXELS = 2**18
 
 
 def check_normalization(normalization: str) -> str:
@@ -196,7 +200,8 @@ def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 
     """Per plate, per channel intensity range: ``{plate: (C, 2) float32 array of (lo, hi)}``.
 
     The ``low``/``high`` percentiles over up to ``max_fields`` fields spread evenly
-    through the plate's rows (every ``stride``-th pixel in y and x).  The sample is
+    through the plate's rows (every ``stride``-th pixel in y and x, or a larger
+    stride that keeps ≤ :data:`PLATE_SAMPLE_PIXELS` per channel of a big field).  The sample is
     deterministic, so a resumed or repeated job gets the same ranges.  Fields that
     cannot be read are skipped; a plate with no readable field is left out (its
     fields then fail to read anyway, or fall back to per-field normalisation).
@@ -216,7 +221,9 @@ def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 
                 img = load_field(fields.iloc[int(i)], stains)
             except ImageReadError:
                 continue
-            samples.append(np.asarray(img)[:, ::stride, ::stride].reshape(len(stains), -1))
+            h, w = img.shape[-2:]
+            k = max(int(stride), math.ceil(math.sqrt(h * w / PLATE_SAMPLE_PIXELS)))
+            samples.append(np.asarray(img)[:, ::k, ::k].reshape(len(stains), -1))
         if not samples:
             continue
         pix = np.concatenate(samples, axis=1).astype(np.float32, copy=False)
