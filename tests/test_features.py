@@ -285,3 +285,28 @@ def test_extract_features_with_plate_normalisation(tmp_path):
     want = enc.encode(torch.from_numpy(x)[None]).numpy()[0]
     np.testing.assert_allclose(by_plate.features[4], want, atol=1e-5)
     assert not np.allclose(by_plate.features, by_field.features)
+
+
+def test_plate_ranges_are_cached_by_sampled_file_content(tmp_path, monkeypatch):
+    import napari_cellclip.images as images
+
+    fields = _two_plate_table(tmp_path)
+    calls = []
+    real = images.sample_range
+    monkeypatch.setattr(images, "sample_range", lambda f, rows, *a, **k: calls.append(len(rows)) or real(f, rows, *a, **k))
+    enc = CountingEncoder()
+    first = extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
+    assert calls == [3, 3]  # one sample per plate
+    assert len(list((tmp_path / "cache" / "plate-ranges").rglob("*.npy"))) == 2
+    again = extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
+    assert calls == [3, 3] and enc.fields == 6  # neither the ranges nor the features recomputed
+    np.testing.assert_array_equal(again.features, first.features)
+    # a changed file in P2's sample: P2's range (and its fields' features) are recomputed
+    img = np.full((40, 40), 7, np.uint16)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / fields.loc[4, "FileName_OrigER"], img)
+    extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
+    assert calls == [3, 3, 3] and enc.fields == 9
+    extract_features(fields, enc, use_cache=False, normalization="plate")
+    assert calls == [3, 3, 3, 3, 3]

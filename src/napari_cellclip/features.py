@@ -108,6 +108,45 @@ def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
     return h.hexdigest()
 
 
+def _cached_plate_ranges(fields, stains: Sequence[str], low: float, high: float, root: Path | None) -> dict:
+    """:func:`images.plate_ranges`, each plate's range cached under ``<root>/plate-ranges/``
+    by the content digests of the fields it is sampled from (so a cached plate is not
+    decoded again).  A plate whose sample has a file that cannot be hashed is computed
+    and not cached."""
+    from . import images
+
+    out = {}
+    for plate, rows in images.plate_samples(fields).items():
+        path = None
+        if root is not None:
+            h = hashlib.blake2b(digest_size=20)
+            h.update(f"plate-ranges-v1\0p{low:g}-{high:g}\0stride={images.PLATE_SAMPLE_STRIDE}\0"
+                     f"px={images.PLATE_SAMPLE_PIXELS}\0".encode())
+            try:
+                for i in rows:
+                    row = fields.iloc[int(i)]
+                    for stain in stains:
+                        frame = images.channel_frame(row, stain)
+                        h.update(f"{stain}\0{_file_digest(images.channel_path(row, stain))}\0"
+                                 f"{'' if frame is None else frame}\0".encode())
+                path = _entry_path(root / "plate-ranges", h.hexdigest())
+            except (CellClipError, OSError):
+                path = None
+        cached = _load_entry(path, (len(stains), 2)) if path is not None else None
+        if cached is not None:
+            out[plate] = cached
+            continue
+        r = images.sample_range(fields, rows, stains, low, high)
+        if r is not None:
+            out[plate] = r
+            if path is not None:
+                try:
+                    _save_entry(path, r)
+                except OSError:
+                    pass  # an unwritable cache only costs the recomputation next time
+    return out
+
+
 # -- cache I/O ---------------------------------------------------------------
 def _entry_path(encoder_dir: Path, key: str) -> Path:
     return encoder_dir / key[:2] / f"{key}.npy"
@@ -271,18 +310,20 @@ def extract_features(
     c, d = len(stains), int(encoder.dim)
     batch_size = max(1, int(batch_size))
     rows = [r for r in fields.to_dict(orient="records")]
-    from .images import field_ranges
+    from .images import check_normalization, field_ranges
 
-    ranges = field_ranges(fields, stains, normalization, low, high)
+    root = None
+    if use_cache:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    plates = (_cached_plate_ranges(fields, stains, low, high, root)
+              if check_normalization(normalization) == "plate" else None)
+    ranges = field_ranges(fields, stains, normalization, low, high, ranges=plates)
 
     def _stop():
         if should_stop is not None and should_stop():
             raise Cancelled("feature extraction cancelled")
 
-    enc_dir = None
-    if use_cache:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        enc_dir = _encoder_dir(root, encoder)
+    enc_dir = _encoder_dir(root, encoder) if root is not None else None
 
     results: dict[int, np.ndarray] = {}
     errors: dict[int, tuple[str, str | None]] = {}

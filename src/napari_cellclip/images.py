@@ -195,6 +195,39 @@ def normalize_range(img: np.ndarray, ranges: np.ndarray) -> np.ndarray:
     return out
 
 
+def plate_samples(fields, max_fields: int = PLATE_SAMPLE_FIELDS) -> dict:
+    """``{plate: row positions}`` of up to ``max_fields`` fields spread evenly through each
+    plate's rows: the deterministic sample :func:`plate_ranges` reads."""
+    from .correction import plate_keys
+
+    plates = plate_keys(fields)
+    out = {}
+    for plate in dict.fromkeys(plates):
+        idx = np.flatnonzero(plates == plate)
+        n = min(len(idx), max(1, int(max_fields)))
+        out[plate] = idx[np.unique(np.linspace(0, len(idx) - 1, n).round().astype(int))]
+    return out
+
+
+def sample_range(fields, rows, stains: Sequence[str], low: float = 1.0, high: float = 99.9,
+                 stride: int = PLATE_SAMPLE_STRIDE):
+    """(C, 2) float32 (lo, hi) percentiles over the given rows' pixels, or None if none is readable."""
+    stains = list(stains)
+    samples = []
+    for i in rows:
+        try:
+            img = load_field(fields.iloc[int(i)], stains)
+        except ImageReadError:
+            continue
+        h, w = img.shape[-2:]
+        k = max(int(stride), math.ceil(math.sqrt(h * w / PLATE_SAMPLE_PIXELS)))
+        samples.append(np.asarray(img)[:, ::k, ::k].reshape(len(stains), -1))
+    if not samples:
+        return None
+    pix = np.concatenate(samples, axis=1).astype(np.float32, copy=False)
+    return np.percentile(pix, [low, high], axis=1).T.astype(np.float32)
+
+
 def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 99.9,
                  max_fields: int = PLATE_SAMPLE_FIELDS, stride: int = PLATE_SAMPLE_STRIDE) -> dict:
     """Per plate, per channel intensity range: ``{plate: (C, 2) float32 array of (lo, hi)}``.
@@ -206,39 +239,26 @@ def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 
     cannot be read are skipped; a plate with no readable field is left out (its
     fields then fail to read anyway, or fall back to per-field normalisation).
     """
-    from .correction import plate_keys
-    from .errors import ImageReadError
-
-    stains = list(stains)
-    plates = plate_keys(fields)
     out = {}
-    for plate in dict.fromkeys(plates):
-        idx = np.flatnonzero(plates == plate)
-        pick = idx[np.unique(np.linspace(0, len(idx) - 1, min(len(idx), max(1, int(max_fields)))).round().astype(int))]
-        samples = []
-        for i in pick:
-            try:
-                img = load_field(fields.iloc[int(i)], stains)
-            except ImageReadError:
-                continue
-            h, w = img.shape[-2:]
-            k = max(int(stride), math.ceil(math.sqrt(h * w / PLATE_SAMPLE_PIXELS)))
-            samples.append(np.asarray(img)[:, ::k, ::k].reshape(len(stains), -1))
-        if not samples:
-            continue
-        pix = np.concatenate(samples, axis=1).astype(np.float32, copy=False)
-        out[plate] = np.percentile(pix, [low, high], axis=1).T.astype(np.float32)
+    for plate, rows in plate_samples(fields, max_fields).items():
+        r = sample_range(fields, rows, stains, low, high, stride)
+        if r is not None:
+            out[plate] = r
     return out
 
 
 def field_ranges(fields, stains: Sequence[str], normalization: str = "field", low: float = 1.0,
-                 high: float = 99.9) -> list:
-    """Per row of ``fields``: its (C, 2) intensity range, or None for per-field percentiles."""
+                 high: float = 99.9, ranges: dict | None = None) -> list:
+    """Per row of ``fields``: its (C, 2) intensity range, or None for per-field percentiles.
+
+    ``ranges``: precomputed ``{plate: range}`` (e.g. from a cache); default :func:`plate_ranges`.
+    """
     if check_normalization(normalization) == "field":
         return [None] * len(fields)
     from .correction import plate_keys
 
-    ranges = plate_ranges(fields, stains, low, high)
+    if ranges is None:
+        ranges = plate_ranges(fields, stains, low, high)
     return [ranges.get(p) for p in plate_keys(fields)]
 
 
