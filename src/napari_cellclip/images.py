@@ -148,13 +148,7 @@ def normalize(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> np.ndarr
     if single:
         arr = arr[None]
     flat = arr.reshape(arr.shape[0], -1)
-    lo, hi = np.percentile(flat, [low, high], axis=1).astype(np.float32)
-    scale = hi - lo
-    scale[scale <= 0] = 1.0
-    out = (arr - lo[:, None, None]) / scale[:, None, None]
-    flat_ch = (hi - lo) <= 0
-    out[flat_ch] = 0.0
-    np.clip(out, 0.0, 1.0, out=out)
+    out = normalize_range(arr, np.percentile(flat, [low, high], axis=1).astype(np.float32).T)
     return out[0] if single else out
 
 
