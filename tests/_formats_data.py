@@ -102,11 +102,8 @@ def write_ome_zarr(dst: Path, version: str = "0.4", fields=None, names=DYE_NAMES
         for k, (_, img) in enumerate(sites):
             kwargs = {"omero": omero} if omero else {}
             write_image(img, group.require_group(str(k)), axes="cyx", fmt=fmt,
-                        scale_factors=tuple(2 ** i for i in range(1, levels)),
-                        coordinate_transformations=[[{"type": "scale", "scale": [1.0, 0.656 * 2 ** i,
-                                                                                  0.656 * 2 ** i]}]
-                                                    for i in range(levels)],
-                        axes_units=None, **kwargs)
+                        scale_factors=tuple(2 ** i for i in range(1, levels)), scale={"y": 0.656, "x": 0.656},
+                        axes_units={"y": "micrometer", "x": "micrometer"}, **kwargs)
     return path
 
 

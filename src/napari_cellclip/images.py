@@ -130,6 +130,18 @@ def pyramid_shapes(path) -> list[tuple[int, int]]:
     return []
 
 
+def channel_stamp(path) -> str:
+    """A cheap change stamp of a channel's data, no content read: ``size:mtime`` of a file, or
+    of an OME-Zarr image's metadata and array files.  Raises OSError when it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        from .formats import ome_zarr
+
+        return ome_zarr.image_stamp(path)
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def channel_digest(row, stain: str) -> str:
     """Content digest of ``stain``'s image in a fields-table row, the feature cache's key part.
 

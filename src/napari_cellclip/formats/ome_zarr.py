@@ -284,17 +284,34 @@ def read_plane(path, channel: int | None, level: int = 0) -> np.ndarray:
     return to_plane(data, "ZYX" if "z" in meta.axes else "YX")
 
 
+def _level0_stats(path: Path) -> tuple[Path, tuple]:
+    """(level-0 array folder, ((relative path, size, mtime_ns), …) of its files, sorted)."""
+    level0 = path / image_meta(path).datasets[0]
+    files = sorted(p for p in level0.rglob("*") if p.is_file())
+    return level0, tuple((str(p.relative_to(level0)), st.st_size, st.st_mtime_ns)
+                         for p, st in ((p, p.stat()) for p in files))
+
+
+def image_stamp(path) -> str:
+    """A cheap change stamp of an image (sizes and modification times of its metadata and
+    full-resolution array files, no content read): what a file's size:mtime is to a file."""
+    path = Path(path)
+    meta = metadata_file(path).stat()
+    _, stats = _level0_stats(path)
+    size = meta.st_size + sum(st[1] for st in stats)
+    mtime = max([meta.st_mtime_ns] + [st[2] for st in stats])
+    return f"{size}:{mtime}:{len(stats)}"
+
+
 def image_digest(path) -> str:
     """blake2b (20 bytes, hex) of an image's metadata and every file of its full-resolution array.
 
     The content digest that keys the feature cache for a zarr field (a regular file's is
-    the digest of its bytes).  Raises OSError when the image cannot be read.
+    the digest of its bytes); memoised while no file changes size or mtime.  Raises
+    OSError when the image cannot be read.
     """
     path = Path(path)
-    meta = image_meta(path)
-    level0 = path / meta.datasets[0]
-    files = sorted(p for p in level0.rglob("*") if p.is_file())
-    stats = tuple((str(p.relative_to(level0)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    level0, stats = _level0_stats(path)
     return _tree_digest(str(path), str(metadata_file(path)), str(level0), stats)
 
 
