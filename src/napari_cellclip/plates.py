@@ -504,21 +504,20 @@ def sniff(path, max_entries: int = 5000) -> str | None:
     while queue:
         try:
             with os.scandir(queue.pop(0)) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                for e in it:
+                    seen += 1
+                    if seen > max_entries:
+                        return None
+                    if e.name.startswith("."):
+                        continue
+                    is_dir = e.is_dir(follow_symlinks=True)
+                    kind = _sniff_entry(Path(e.path), is_dir)
+                    if kind:
+                        return kind
+                    if is_dir and not e.name.lower().endswith(".zarr"):
+                        queue.append(Path(e.path))
         except OSError:
             continue
-        for e in entries:
-            seen += 1
-            if seen > max_entries:
-                return None
-            if e.name.startswith("."):
-                continue
-            is_dir = e.is_dir(follow_symlinks=True)
-            kind = _sniff_entry(Path(e.path), is_dir)
-            if kind:
-                return kind
-            if is_dir and not e.name.lower().endswith(".zarr"):
-                queue.append(Path(e.path))
     return None
 
 
