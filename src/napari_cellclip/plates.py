@@ -19,6 +19,9 @@ Layouts read (recursively under a folder; :func:`read_plate`):
   with ``Metadata_Plate/Well/Site`` and per stain ``FileName_Orig<Stain>`` +
   ``PathName_Orig<Stain>``.  A folder holding such a CSV is read through it.
 
+This module recognises the layout (:func:`read_plate`, :func:`sniff`), names the stains and
+builds the table; the layouts themselves live in :mod:`napari_cellclip.formats`.
+
 The result is always a *fields table* in LoadData form (absolute ``PathName_Orig*``;
 ``Frame_Orig*`` = the channel index inside a multi-channel file or OME-Zarr image), so a
 table read from any layout can be written back as a manifest with :func:`write_load_data`
@@ -39,7 +42,6 @@ import json
 import os
 import re
 import warnings
-import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -48,7 +50,7 @@ import pandas as pd
 
 from .errors import CellClipWarning, PlateError
 from .formats.dyes import canonical_stain, describe, stain_label
-from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from .images import IMAGE_SUFFIXES
 
 DEFAULT_STAINS = ("DNA", "ER", "RNA", "AGP", "Mito")
 LAYOUTS = ("auto", "load_data", "phenix", "imagexpress", "ome-tiff", "ome-zarr", "dye-folders", "multichannel")
@@ -233,58 +235,6 @@ def find_channel_map(folder, levels: int = 2) -> Path | None:
 
 
 # --------------------------------------------------------------------------- channel names
-
-
-def find_index_xml(folder: Path, stop: Path | None = None) -> Path | None:
-    """A Harmony ``Index.idx.xml`` / ``Index.xml`` in ``folder`` or a parent (up to ``stop``)."""
-    folder = Path(folder).resolve()
-    stop = Path(stop).resolve() if stop is not None else None
-    for d in [folder, *folder.parents]:
-        for name in ("Index.idx.xml", "Index.xml", "index.idx.xml", "index.xml"):
-            if (d / name).is_file():
-                return d / name
-        if stop is not None and d == stop.parent:
-            break
-        if len(d.parts) <= 2:
-            break
-    return None
-
-
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def read_index_xml(path: Path) -> tuple[dict[int, str], str | None]:
-    """Channel number -> channel name and the plate ID from a Harmony index file."""
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise PlateError(f"{path}: not a readable Harmony index file ({exc})") from exc
-    channels: dict[int, str] = {}
-    plate_id = None
-    for el in root.iter():
-        tag = _local(el.tag)
-        if tag == "PlateID" and el.text and plate_id is None:
-            plate_id = el.text.strip()
-        if tag == "Entry" and "ChannelID" in el.attrib:
-            for child in el:
-                if _local(child.tag) == "ChannelName" and child.text:
-                    channels.setdefault(int(el.attrib["ChannelID"]), child.text.strip())
-    return channels, plate_id
-
-
-def read_htd(folder: Path) -> dict[int, str]:
-    """Wavelength number -> name from an ImageXpress ``.HTD`` plate file in ``folder`` or its parent."""
-    for d in (folder, folder.parent):
-        for f in sorted(d.glob("*.[hH][tT][dD]")):
-            try:
-                text = f.read_text(errors="replace")
-            except OSError:
-                continue
-            names = {int(n): v.strip() for n, v in re.findall(r'"WaveName(\d+)"\s*,\s*"([^"]*)"', text) if v.strip()}
-            if names:
-                return names
-    return {}
 
 
 def _channel_map_from(channel_map, where: str) -> dict[int, str]:
@@ -572,10 +522,14 @@ def read_plate(
         if path.suffix.lower() == ".csv":
             return read_load_data(path, plate=plate)
         if is_ome_tiff_name(path.name):
-            return _read_ome_tiffs(path.parent, [path], channel_map, plate, pattern)
+            from .formats import ome_tiff
+
+            return ome_tiff.read_fields(path.parent, [path], channel_map, plate, pattern)
         raise PlateError(f"{path}: give a plate folder, an OME-Zarr plate, an OME-TIFF or a LoadData CSV")
     if _is_zarr(path):
-        return _read_zarr_plates(path, [path], channel_map, plate)
+        from .formats import ome_zarr
+
+        return ome_zarr.read_fields(path, [path], channel_map, plate)
     files, zarrs = _scan(path)
     if not files and not zarrs:
         raise PlateError(f"{path}: the folder is empty")
@@ -587,7 +541,9 @@ def read_plate(
             raise PlateError(f"{path}: no LoadData CSV (with FileName_Orig<Stain> columns) found")
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if layout == "multichannel" or (pattern is not None and axes is not None):
-        return _read_multichannel(path, images, pattern, axes, channel_map, plate)
+        from .formats import numbered
+
+        return numbered.read_multichannel(path, images, pattern, axes, channel_map, plate)
     kinds = _classify(path, images, zarrs, layout)
     return _read_kind(path, kinds, channel_map, plate, pattern)
 
@@ -634,14 +590,16 @@ def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) ->
 
 
 def _read_kind(path: Path, kinds: dict, channel_map, plate, pattern) -> pd.DataFrame:
+    from .formats import dye_folders, numbered, ome_tiff, ome_zarr
+
     (kind, found), = kinds.items()
     if kind == "ome-zarr":
-        return _read_zarr_plates(path, found, channel_map, plate)
+        return ome_zarr.read_fields(path, found, channel_map, plate)
     if kind == "ome-tiff":
-        return _read_ome_tiffs(path, found, channel_map, plate, pattern)
+        return ome_tiff.read_fields(path, found, channel_map, plate, pattern)
     if kind == "dye-folders":
-        return _read_dye_folders(path, found, plate)
-    return _read_numbered_channels(path, found, kind, channel_map, plate)
+        return dye_folders.read_fields(path, found, plate)
+    return numbered.read_fields(path, found, kind, channel_map, plate)
 
 
 def _table_from_channels(records: list[dict], channel_names: dict[int, str], where: str,
@@ -687,7 +645,7 @@ def _concat_plates(path: Path, tables: list[pd.DataFrame], source: str) -> pd.Da
     return _finish(pd.concat(tables, ignore_index=True), stains(tables[0]), source)
 
 
-# --------------------------------------------------------------------------- Phenix / ImageXpress
+# --------------------------------------------------------------------------- shared by layouts
 
 
 def _plate_name_for(folder: Path) -> str:
@@ -695,106 +653,6 @@ def _plate_name_for(folder: Path) -> str:
     if name.lower() in ("images", "timepoint_1") or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
         name = folder.parent.name
     return name.split("__")[0] or name
-
-
-def _numbered_record(f: Path, kind: str) -> dict:
-    if kind == "phenix":
-        m = PHENIX_RE.match(f.name)
-        return {"dir": f.parent, "well": well_name(m["row"], m["col"]), "site": int(m["site"]),
-                "ch": int(m["ch"]), "plane": int(m["plane"]), "path": f}
-    m = IMAGEXPRESS_RE.match(f.name)
-    return {"dir": f.parent, "well": normalize_well(m["well"]), "site": int(m["site"]), "ch": int(m["ch"]),
-            "path": f, "prefix": m["prefix"]}
-
-
-def _dye_dir(folder: Path) -> tuple[Path, str] | None:
-    """(plate key, dye) for a folder named ``<plate>-<dye>`` (Bray: ``24277-ERSyto``), else None."""
-    m = re.match(r"^(?P<plate>[^-]+)-(?P<dye>.+)$", folder.name)
-    return (folder.parent / m["plate"], m["dye"]) if m and canonical_stain(m["dye"]) else None
-
-
-def _read_numbered_channels(path: Path, files: list[Path], kind: str, channel_map, plate) -> pd.DataFrame:
-    """Phenix / ImageXpress: each folder of images is a plate; ``<plate>-<dye>`` sibling folders are one."""
-    records = _first_plane(path, [_numbered_record(f, kind) for f in files])
-    groups: dict[Path, list[dict]] = defaultdict(list)
-    dyes: dict[Path, dict[int, str]] = defaultdict(dict)
-    for r in records:
-        dd = _dye_dir(r["dir"])
-        key = dd[0] if dd else r["dir"]
-        groups[key].append(r)
-        if dd:
-            dyes[key][r["ch"]] = dd[1]
-    tables = []
-    for key, recs in sorted(groups.items()):
-        tables.append(_numbered_plate(path, key, recs, dyes.get(key), channel_map, plate))
-    return _concat_plates(path, tables, "folder")
-
-
-def _first_plane(path: Path, records: list[dict]) -> list[dict]:
-    planes = sorted({r["plane"] for r in records if "plane" in r})
-    if len(planes) <= 1:
-        return records
-    warnings.warn(f"{path}: the images have {len(planes)} planes (p{planes[0]:02d}..p{planes[-1]:02d}); plane "
-                  f"p{planes[0]:02d} is read. To use another plane or a projection, write a LoadData CSV naming "
-                  "those files.", CellClipWarning, stacklevel=4)
-    return [r for r in records if r["plane"] == planes[0]]
-
-
-def _numbered_plate(path: Path, key: Path, recs: list[dict], dye_names, channel_map, plate) -> pd.DataFrame:
-    folder = recs[0]["dir"]
-    index = find_index_xml(folder, stop=path)
-    names, plate_id = read_index_xml(index) if index else ({}, None)
-    source = f"the Harmony index {index}" if index else "the folder names"
-    if not names and recs[0].get("prefix") is not None:
-        names, source = (dye_names, "the folder names") if dye_names else (read_htd(folder), "the .HTD file")
-    name = plate or plate_id or (key.name if dye_names else _plate_name_for(folder))
-    if recs[0].get("prefix") is not None and not plate and not plate_id and not dye_names:
-        prefixes = {r["prefix"] for r in recs}
-        name = prefixes.pop() if len(prefixes) == 1 else name
-    for r in recs:
-        r["plate"] = name
-    ids = [r["ch"] for r in recs]
-    channel_names = _stain_names(ids, channel_map, names, str(key if dye_names else folder), source)
-    return _table_from_channels(recs, channel_names, str(folder))
-
-
-# --------------------------------------------------------------------------- multi-channel TIFF
-
-
-def _read_multichannel(root: Path, images: list[Path], pattern, axes, channel_map, plate) -> pd.DataFrame:
-    if pattern is None:
-        raise PlateError("multi-channel TIFFs need a file-name pattern with named groups 'well' and 'site', "
-                         r"e.g. '(?P<well>[A-P]\d{2})_s(?P<site>\d+)\.tiff?'")
-    if axes is None or str(axes).upper() not in ("CYX", "YXC"):
-        raise PlateError(f"state where the channel axis is in the multi-channel TIFFs: axes='CYX' or 'YXC' "
-                         f"(got {axes!r})")
-    axes = str(axes).upper()
-    matched = _match_pattern(root, [f for f in images if f.suffix.lower() in TIFF_SUFFIXES], pattern)
-    import tifffile
-
-    n_channels = None
-    for f, _ in matched:
-        try:
-            with tifffile.TiffFile(f) as tf:
-                shape = tf.series[0].shape
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"{f}: cannot read TIFF header ({exc}); skipped", CellClipWarning, stacklevel=3)
-            continue
-        if len(shape) != 3:
-            raise PlateError(f"{f}: expected a 3-D {axes} image, got shape {tuple(shape)}")
-        n_channels = shape[0] if axes == "CYX" else shape[-1]
-        break
-    if n_channels is None:
-        raise PlateError(f"{root}: none of the matching TIFF files could be read")
-    names = _stain_names(range(1, n_channels + 1), channel_map, None, str(root))
-    records = []
-    for f, (well, site, p) in matched:
-        for ch in range(1, n_channels + 1):
-            records.append({"plate": plate or p or _plate_name_for(f.parent), "well": well, "site": site,
-                            "ch": ch, "path": f, "frame": ch - 1})
-    df = _table_from_channels(records, names, str(root), multi_frame=True)
-    df["Metadata_ChannelAxes"] = axes
-    return _finish(df, [names[i] for i in sorted(names)], "multichannel")
 
 
 def _match_pattern(root: Path, files: list[Path], pattern: str) -> list[tuple[Path, tuple]]:
@@ -816,146 +674,6 @@ def _match_pattern(root: Path, files: list[Path], pattern: str) -> list[tuple[Pa
     if not out:
         raise PlateError(f"{root}: no file name matches the pattern {pattern!r}")
     return out
-
-
-# --------------------------------------------------------------------------- OME-TIFF
-
-
-def _ome_position(f: Path, hits: dict, info, from_xml: bool) -> tuple[str, int, str | None] | None:
-    """(well, site, plate from the XML) of an OME-TIFF: the pattern, the OME plate metadata, else the name."""
-    from .formats import ome_tiff
-
-    if f in hits:
-        return hits[f]
-    if from_xml:
-        info = info or ome_tiff.probe(f)
-        if info.well is not None:
-            return well_name(*info.well), info.site or 1, info.plate
-    pos = parse_well_site(f.name)
-    return (pos[0], pos[1] or 1, None) if pos else None
-
-
-def _read_ome_tiffs(root: Path, files: list[Path], channel_map, plate, pattern) -> pd.DataFrame:
-    """One OME-TIFF per field; well/site from the OME plate metadata, the pattern or the name."""
-    from .formats import ome_tiff
-    from .formats.planes import describe_reduction
-
-    hits = dict(_match_pattern(root, files, pattern)) if pattern else {}
-    files = sorted(hits) if pattern else sorted(files)
-    first = ome_tiff.probe(files[0])
-    records, unplaced = [], []
-    for f in files:
-        pos = _ome_position(f, hits, first if f == files[0] else None, first.well is not None)
-        if pos is None:
-            unplaced.append(f.name)
-            continue
-        well, site, xml_plate = pos
-        for ch in range(first.n_channels):
-            records.append({"plate": plate or xml_plate or first.plate or _plate_name_for(f.parent), "well": well,
-                            "site": site, "ch": ch + 1, "path": f, "frame": ch, "meta": _pixel_meta(first)})
-    if unplaced:
-        raise PlateError(f"{root}: cannot tell the well and field of {len(unplaced)} OME-TIFF(s) (e.g. "
-                         f"{', '.join(unplaced[:3])}): neither the OME-XML (Plate/Well/WellSample) nor the name says. "
-                         r"Give pattern=r'(?P<well>[A-P]\d{2})_s(?P<site>\d+)' (named groups well, site).")
-    note = describe_reduction(first.size("T"), first.size("Z"))
-    if note:
-        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=3)
-    names = dict(enumerate(first.channel_names, start=1))
-    channel_names = _stain_names(range(1, first.n_channels + 1), channel_map, names, str(files[0]),
-                                 "the OME-XML channel names")
-    df = _table_from_channels(records, channel_names, str(root), multi_frame=True)
-    return _finish(df, [channel_names[i] for i in sorted(channel_names)], "ome-tiff")
-
-
-def _pixel_meta(info) -> dict:
-    y, x = info.pixel_size_um
-    return {"Metadata_PixelSizeY": y, "Metadata_PixelSizeX": x} if x is not None and y is not None else {}
-
-
-# --------------------------------------------------------------------------- OME-Zarr
-
-
-def _read_zarr_plates(path: Path, roots: list[Path], channel_map, plate) -> pd.DataFrame:
-    from .formats import ome_zarr
-
-    tables = []
-    for root in roots:
-        if not ome_zarr.is_plate(root):
-            if len(roots) == 1 and root == path:
-                raise PlateError(f"{root}: an OME-Zarr folder without HCS 'plate' metadata (an image or well?); "
-                                 "open the plate's root folder")
-            warnings.warn(f"{root}: not an OME-Zarr HCS plate; skipped", CellClipWarning, stacklevel=3)
-            continue
-        tables.append(_read_zarr_plate(root.resolve(), channel_map, plate))
-    if not tables:
-        raise PlateError(f"{path}: no OME-Zarr HCS plate found")
-    return _concat_plates(path, tables, "ome-zarr")
-
-
-def _read_zarr_plate(root: Path, channel_map, plate) -> pd.DataFrame:
-    from .formats import ome_zarr
-    from .formats.planes import describe_reduction
-
-    zp = ome_zarr.read_plate_fields(root)
-    if zp.skipped:
-        warnings.warn(f"{root}: skipped {len(zp.skipped)} well(s) with unreadable metadata: "
-                      + "; ".join(zp.skipped[:5]), CellClipWarning, stacklevel=4)
-    first = root / zp.fields[0][3]
-    meta = ome_zarr.image_meta(first)
-    shape = ome_zarr.image_shape(first)
-    n_channels = shape.get("c", 1)
-    note = describe_reduction(shape.get("t", 1), shape.get("z", 1))
-    if note:
-        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=4)
-    names = dict(enumerate(meta.channel_names, start=1))
-    if not meta.channel_names:
-        names = {}
-        warnings.warn(f"{ome_zarr.metadata_file(first)}: no 'omero' channel labels", CellClipWarning, stacklevel=4)
-    channel_names = _stain_names(range(1, n_channels + 1), channel_map, names, str(root),
-                                 "the omero channel labels")
-    px = dict(zip(("Metadata_PixelSizeY", "Metadata_PixelSizeX"), meta.pixel_size_um))
-    # FileName = the field's image path inside the plate ("B/3/0"), PathName = the plate
-    records = [{"plate": plate or zp.name, "well": well_name(r, c), "site": site, "ch": ch + 1,
-                "path": root / rel, "file": rel, "folder": str(root), "frame": ch,
-                "meta": {k: v for k, v in px.items() if v is not None}}
-               for r, c, site, rel in zp.fields for ch in range(n_channels)]
-    df = _table_from_channels(records, channel_names, str(root), multi_frame=True)
-    return _finish(df, [channel_names[i] for i in sorted(channel_names)], "ome-zarr")
-
-
-# --------------------------------------------------------------------------- dye-named files
-
-
-def _field_position(folder: Path, root: Path) -> tuple[str, str, int]:
-    """(plate, well, site) of a field folder ``<plate>/A01_s2/`` or ``<plate>/A01/2/``."""
-    pos = parse_well_site(folder.name)
-    if pos is not None:
-        base = folder.parent
-        well, site = pos[0], pos[1] or 1
-    elif folder.name.isdigit() and parse_well_site(folder.parent.name):
-        base = folder.parent.parent
-        well, site = parse_well_site(folder.parent.name)[0], int(folder.name)
-    else:
-        raise PlateError(f"{folder}: cannot tell the well and field of this folder of dye-named images; name "
-                         "field folders like 'A01_s1' (or '<well>/<field>/')")
-    return base.name, well, site
-
-
-def _read_dye_folders(root: Path, files: list[Path], plate) -> pd.DataFrame:
-    """Field folders holding one image per stain named by dye (``Hoechst.tif`` …, Bray / CLOOME)."""
-    folders = sorted({f.parent for f in files})
-    all_images = [p for d in folders for p in sorted(d.iterdir())
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
-    order = {s: k for k, s in enumerate(DEFAULT_STAINS)}
-    labels = sorted({p.stem for p in all_images}, key=lambda n: (order.get(canonical_stain(n), 99), n))
-    ids = {stem: i for i, stem in enumerate(labels, start=1)}
-    channel_names = _stain_names(ids.values(), None, {i: s for s, i in ids.items()}, str(root), "the file names")
-    records = []
-    for p in all_images:
-        plate_name, well, site = _field_position(p.parent, root)
-        records.append({"plate": plate or plate_name, "well": well, "site": site, "ch": ids[p.stem], "path": p})
-    df = _table_from_channels(records, channel_names, str(root))
-    return _finish(df, [channel_names[i] for i in sorted(channel_names)], "dye-folders")
 
 
 def summarize(fields: pd.DataFrame) -> str:

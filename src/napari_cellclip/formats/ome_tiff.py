@@ -16,20 +16,29 @@ A field's stain image is one channel: the first time point (T) and, for a Z stac
 maximum-intensity projection over Z (:func:`.planes.to_plane`).  Only the TIFF pages of
 that channel (and time point) are decoded.
 
+:func:`read_fields` turns a folder of them into fields-table rows (``Frame_Orig<Stain>`` =
+channel index), with well and site from a user pattern, the OME plate metadata, or the
+file name (:func:`napari_cellclip.plates.parse_well_site`), in that order.
+
 When the OME-XML lists several images (a multi-file OME-TIFF data set, where every file
 repeats the whole metadata), the image whose pages are stored in *this* file is used.
 """
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from ..errors import ImageReadError
-from .planes import to_plane
+from ..errors import CellClipWarning, ImageReadError, PlateError
+from ..plates import (
+    _finish, _match_pattern, _plate_name_for, _stain_names, _table_from_channels, parse_well_site, well_name,
+)
+from .planes import describe_reduction, to_plane
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
@@ -202,3 +211,52 @@ def level_shapes(path, *, tiff=None) -> list[tuple[int, int]]:
             return level_shapes(path, tiff=tf)
     series = tiff.series[_series_index(tiff)]
     return [tuple(int(v) for v in lv.shape[-2:]) for lv in series.levels]
+
+
+# ------------------------------------------------------------------------- fields table
+
+
+def _ome_position(f: Path, hits: dict, info, from_xml: bool) -> tuple[str, int, str | None] | None:
+    """(well, site, plate from the XML) of an OME-TIFF: the pattern, the OME plate metadata, else the name."""
+    if f in hits:
+        return hits[f]
+    if from_xml:
+        info = info or probe(f)
+        if info.well is not None:
+            return well_name(*info.well), info.site or 1, info.plate
+    pos = parse_well_site(f.name)
+    return (pos[0], pos[1] or 1, None) if pos else None
+
+
+def read_fields(root: Path, files: list[Path], channel_map, plate, pattern) -> pd.DataFrame:
+    """One OME-TIFF per field; well/site from the OME plate metadata, the pattern or the name."""
+    hits = dict(_match_pattern(root, files, pattern)) if pattern else {}
+    files = sorted(hits) if pattern else sorted(files)
+    first = probe(files[0])
+    records, unplaced = [], []
+    for f in files:
+        pos = _ome_position(f, hits, first if f == files[0] else None, first.well is not None)
+        if pos is None:
+            unplaced.append(f.name)
+            continue
+        well, site, xml_plate = pos
+        for ch in range(first.n_channels):
+            records.append({"plate": plate or xml_plate or first.plate or _plate_name_for(f.parent), "well": well,
+                            "site": site, "ch": ch + 1, "path": f, "frame": ch, "meta": _pixel_meta(first)})
+    if unplaced:
+        raise PlateError(f"{root}: cannot tell the well and field of {len(unplaced)} OME-TIFF(s) (e.g. "
+                         f"{', '.join(unplaced[:3])}): neither the OME-XML (Plate/Well/WellSample) nor the name says. "
+                         r"Give pattern=r'(?P<well>[A-P]\d{2})_s(?P<site>\d+)' (named groups well, site).")
+    note = describe_reduction(first.size("T"), first.size("Z"))
+    if note:
+        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=3)
+    names = dict(enumerate(first.channel_names, start=1))
+    channel_names = _stain_names(range(1, first.n_channels + 1), channel_map, names, str(files[0]),
+                                 "the OME-XML channel names")
+    df = _table_from_channels(records, channel_names, str(root), multi_frame=True)
+    return _finish(df, [channel_names[i] for i in sorted(channel_names)], "ome-tiff")
+
+
+def _pixel_meta(info) -> dict:
+    y, x = info.pixel_size_um
+    return {"Metadata_PixelSizeY": y, "Metadata_PixelSizeX": x} if x is not None and y is not None else {}

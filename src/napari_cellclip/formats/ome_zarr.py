@@ -20,6 +20,10 @@ of metadata reads before the first field is shown, and its errors are validation
 rather than a sentence naming the file.  Reading only ``plate → wells → first image``
 keeps opening a plate to one metadata file per well, and errors name the file at fault.
 
+:func:`read_fields` turns a plate into fields-table rows: ``PathName_Orig<Stain>`` = the
+plate, ``FileName_Orig<Stain>`` = the field's image path inside it (``B/3/0``),
+``Frame_Orig<Stain>`` = the channel index; site = the image's position in its well.
+
 Pixels are read lazily: :func:`read_plane` opens one pyramid level of one field and
 slices one channel (first time point, Z max-projected, see :mod:`.planes`), so zarr
 decodes only the chunks of that channel.  Level 0 (full resolution) goes to the
@@ -32,14 +36,16 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from ..errors import ImageReadError, PlateError
-from .planes import to_plane
+from ..errors import CellClipWarning, ImageReadError, PlateError
+from .planes import describe_reduction, to_plane
 
 ZARR_SUFFIXES = (".zarr",)
 _V2_META = (".zattrs", ".zgroup", ".zarray")
@@ -325,3 +331,54 @@ def _tree_digest(image: str, meta_file: str, level0: str, stats: tuple) -> str:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- fields table
+
+
+def read_fields(path: Path, roots: list[Path], channel_map, plate) -> pd.DataFrame:
+    """Fields-table rows of the OME-Zarr HCS plate(s) ``roots`` (found under ``path``)."""
+    from ..plates import _concat_plates
+
+    tables = []
+    for root in roots:
+        if not is_plate(root):
+            if len(roots) == 1 and root == path:
+                raise PlateError(f"{root}: an OME-Zarr folder without HCS 'plate' metadata (an image or well?); "
+                                 "open the plate's root folder")
+            warnings.warn(f"{root}: not an OME-Zarr HCS plate; skipped", CellClipWarning, stacklevel=3)
+            continue
+        tables.append(_read_zarr_plate(root.resolve(), channel_map, plate))
+    if not tables:
+        raise PlateError(f"{path}: no OME-Zarr HCS plate found")
+    return _concat_plates(path, tables, "ome-zarr")
+
+
+def _read_zarr_plate(root: Path, channel_map, plate) -> pd.DataFrame:
+    from ..plates import _finish, _stain_names, _table_from_channels, well_name
+
+    zp = read_plate_fields(root)
+    if zp.skipped:
+        warnings.warn(f"{root}: skipped {len(zp.skipped)} well(s) with unreadable metadata: "
+                      + "; ".join(zp.skipped[:5]), CellClipWarning, stacklevel=4)
+    first = root / zp.fields[0][3]
+    meta = image_meta(first)
+    shape = image_shape(first)
+    n_channels = shape.get("c", 1)
+    note = describe_reduction(shape.get("t", 1), shape.get("z", 1))
+    if note:
+        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=4)
+    names = dict(enumerate(meta.channel_names, start=1))
+    if not meta.channel_names:
+        names = {}
+        warnings.warn(f"{metadata_file(first)}: no 'omero' channel labels", CellClipWarning, stacklevel=4)
+    channel_names = _stain_names(range(1, n_channels + 1), channel_map, names, str(root),
+                                 "the omero channel labels")
+    px = dict(zip(("Metadata_PixelSizeY", "Metadata_PixelSizeX"), meta.pixel_size_um))
+    # FileName = the field's image path inside the plate ("B/3/0"), PathName = the plate
+    records = [{"plate": plate or zp.name, "well": well_name(r, c), "site": site, "ch": ch + 1,
+                "path": root / rel, "file": rel, "folder": str(root), "frame": ch,
+                "meta": {k: v for k, v in px.items() if v is not None}}
+               for r, c, site, rel in zp.fields for ch in range(n_channels)]
+    df = _table_from_channels(records, channel_names, str(root), multi_frame=True)
+    return _finish(df, [channel_names[i] for i in sorted(channel_names)], "ome-zarr")
