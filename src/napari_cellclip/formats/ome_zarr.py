@@ -239,8 +239,11 @@ def image_meta(path) -> ZarrImage:
 
 
 def _open_level(path: Path, meta: ZarrImage, level: int):
-    import zarr
-
+    try:
+        import zarr
+    except ImportError:
+        raise ImageReadError(path, "reading OME-Zarr pixels needs the zarr package (Python >= 3.11: "
+                                   "pip install 'zarr>=3')") from None
     if not 0 <= level < len(meta.datasets):
         raise ImageReadError(path, f"pyramid level {level} out of range ({len(meta.datasets)} levels)")
     try:
