@@ -407,8 +407,9 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         subdirs = [Path(dirpath) / d for d in sorted(dirnames) if not d.startswith(".")]
         zarrs += [d for d in subdirs if _is_zarr(d)]
         dirnames[:] = [d.name for d in subdirs if not _is_zarr(d)]
-        files += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return sorted(files), sorted(zarrs)
+        base = Path(dirpath)
+        files += [base / f for f in sorted(filenames) if not f.startswith(".")]
+    return files, zarrs  # folders in sorted order, files sorted within each
 
 
 def image_kind(path) -> str | None:
@@ -416,7 +417,7 @@ def image_kind(path) -> str | None:
     "dye-folders"), or None; reads nothing but the name (and, for a dye name, its folder's name)."""
     from .formats.ome_tiff import is_ome_tiff_name
 
-    p = Path(path)
+    p = path if isinstance(path, Path) else Path(path)
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         return None
     if PHENIX_RE.match(p.name):
@@ -623,10 +624,10 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
         row = {"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site}
         row.update(chans[ids[0]].get("meta", {}))
         for i in ids:
-            p = Path(chans[i]["path"])
+            folder, name = os.path.split(str(chans[i]["path"]))
             s = channel_names[i]
-            row[f"FileName_Orig{s}"] = chans[i].get("file", p.name)
-            row[f"PathName_Orig{s}"] = chans[i].get("folder", str(p.parent))
+            row[f"FileName_Orig{s}"] = chans[i].get("file", name)
+            row[f"PathName_Orig{s}"] = chans[i].get("folder", folder)
             if multi_frame:
                 row[f"Frame_Orig{s}"] = chans[i]["frame"]
         rows.append(row)
