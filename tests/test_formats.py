@@ -470,3 +470,20 @@ def test_a_table_of_any_format_round_trips_through_load_data(tmp_path, zarr_plat
     cols = [c for c in df.columns if c.startswith(("FileName", "PathName", "Metadata_Well", "Metadata_Plate"))]
     pd.testing.assert_frame_equal(df[cols], again[cols])
     _assert_same_pixels(again, fields)
+
+
+def test_load_data_with_dye_named_stains(tmp_path):
+    """A LoadData CSV naming stains by dye (cpg0012 / Bray: OrigHoechst, OrigSyto, OrigPh_golgi …)."""
+    from napari_cellclip.sample import sample_plate_dir
+
+    src = pd.read_csv(sample_plate_dir() / "load_data.csv", dtype=str)
+    dyes = {"DNA": "Hoechst", "ER": "ER", "RNA": "Syto", "AGP": "Ph_golgi", "Mito": "Mito"}
+    src = src.rename(columns={f"{p}_Orig{s}": f"{p}_Orig{d}" for s, d in dyes.items() for p in ("FileName", "PathName")})
+    for c in src.columns:
+        if c.startswith("PathName"):
+            src[c] = str(sample_plate_dir())
+    src.to_csv(tmp_path / "load_data.csv", index=False)
+    with pytest.warns(CellClipWarning, match=r"LoadData stain names are dye names.*'Hoechst' → DNA.*'Syto' → RNA"):
+        df = read_plate(tmp_path / "load_data.csv")
+    assert stains(df) == STAINS
+    assert df["FileName_OrigAGP"].tolist() == src["FileName_OrigPh_golgi"].tolist()

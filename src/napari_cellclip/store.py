@@ -325,16 +325,19 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     cols = sorted(cols, key=str)
     h.update(("\x1f".join(map(str, cols)) + "\0").encode())
     file_cols = [c for c in cols if str(c).startswith("FileName_")]
+    stamps: dict[Path, bytes] = {}  # a multi-channel file / zarr field is stamped once, not per stain
     for row in fields[cols].itertuples(index=False, name=None):
         rec = dict(zip(cols, row))
         h.update("\x1f".join(_key_str(rec[c]) for c in cols).encode())
         for fc in file_cols:
             stain = str(fc)[len("FileName_"):]
             p = Path(str(rec.get(f"PathName_{stain}", "") or "")) / str(rec[fc])
-            try:
-                h.update(f"|{channel_stamp(p)}".encode())
-            except (OSError, CellClipError):
-                h.update(b"|missing")
+            if p not in stamps:
+                try:
+                    stamps[p] = f"|{channel_stamp(p)}".encode()
+                except (OSError, CellClipError):
+                    stamps[p] = b"|missing"
+            h.update(stamps[p])
         h.update(b"\0")
     return h.hexdigest()
 
