@@ -478,7 +478,8 @@ def test_load_data_with_dye_named_stains(tmp_path):
 
     src = pd.read_csv(sample_plate_dir() / "load_data.csv", dtype=str)
     dyes = {"DNA": "Hoechst", "ER": "ER", "RNA": "Syto", "AGP": "Ph_golgi", "Mito": "Mito"}
-    src = src.rename(columns={f"{p}_Orig{s}": f"{p}_Orig{d}" for s, d in dyes.items() for p in ("FileName", "PathName")})
+    src = src.rename(columns={f"{p}_Orig{s}": f"{p}_Orig{d}" for s, d in dyes.items()
+                              for p in ("FileName", "PathName")})
     for c in src.columns:
         if c.startswith("PathName"):
             src[c] = str(sample_plate_dir())
