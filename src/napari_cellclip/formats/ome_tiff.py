@@ -38,7 +38,7 @@ from ..errors import CellClipWarning, ImageReadError, PlateError
 from ..plates import (
     _finish, _match_pattern, _plate_name_for, _stain_names, _table_from_channels, parse_well_site, well_name,
 )
-from .planes import describe_reduction, to_plane
+from .planes import check_channel, describe_reduction, to_plane
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
@@ -184,12 +184,7 @@ def read_plane(path, channel: int | None, level: int = 0, *, tiff=None) -> np.nd
     if "S" in axes or axes[-2:] != "YX":
         raise ImageReadError(path, f"unsupported OME-TIFF axes {axes}")
     n_channels = shape[axes.index("C")] if "C" in axes else 1
-    if channel is None:
-        if n_channels != 1:
-            raise ImageReadError(path, f"the image has {n_channels} channels; say which one (Frame_Orig<Stain>)")
-        channel = 0
-    if not 0 <= int(channel) < n_channels:
-        raise ImageReadError(path, f"channel index {channel} out of range (the image has {n_channels} channels)")
+    channel = check_channel(path, channel, n_channels)
     if not 0 <= level < len(series.levels):
         raise ImageReadError(path, f"pyramid level {level} out of range ({len(series.levels)} levels)")
     lead_axes, lead_shape = axes[:-2], shape[:-2]

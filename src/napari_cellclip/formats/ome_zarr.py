@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CellClipWarning, ImageReadError, PlateError
-from .planes import describe_reduction, to_plane
+from .planes import check_channel, describe_reduction, to_plane
 
 ZARR_SUFFIXES = (".zarr",)
 _V2_META = (".zattrs", ".zgroup", ".zarray")
@@ -278,12 +278,7 @@ def read_plane(path, channel: int | None, level: int = 0) -> np.ndarray:
     meta = image_meta(path)
     arr = _open_level(path, meta, level)
     n_channels = arr.shape[meta.axes.index("c")] if "c" in meta.axes else 1
-    if channel is None:
-        if n_channels != 1:
-            raise ImageReadError(path, f"the image has {n_channels} channels; say which one (Frame_Orig<Stain>)")
-        channel = 0
-    if not 0 <= int(channel) < n_channels:
-        raise ImageReadError(path, f"channel index {channel} out of range (the image has {n_channels} channels)")
+    channel = check_channel(path, channel, n_channels)
     index = tuple(int(channel) if a == "c" else slice(None) if a in ("z", "y", "x") else 0 for a in meta.axes)
     try:
         data = np.asarray(arr[index])

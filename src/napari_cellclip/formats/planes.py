@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ImageReadError
+
 
 def to_plane(data: np.ndarray, axes: str) -> np.ndarray:
     """Reduce ``data`` with ``axes`` (any of ``T``, ``Z`` followed by ``YX``) to a 2-D plane."""
@@ -30,6 +32,17 @@ def to_plane(data: np.ndarray, axes: str) -> np.ndarray:
     if "Z" in axes:
         data = data.max(axis=axes.index("Z")) if data.shape[axes.index("Z")] > 1 else data.squeeze(axes.index("Z"))
     return data
+
+
+def check_channel(path, channel: int | None, n_channels: int) -> int:
+    """The 0-based channel to read from an image with ``n_channels`` (None: its only channel)."""
+    if channel is None:
+        if n_channels != 1:
+            raise ImageReadError(path, f"the image has {n_channels} channels; say which one (Frame_Orig<Stain>)")
+        return 0
+    if not 0 <= int(channel) < n_channels:
+        raise ImageReadError(path, f"channel index {channel} out of range (the image has {n_channels} channels)")
+    return int(channel)
 
 
 def describe_reduction(n_t: int, n_z: int) -> str | None:
