@@ -287,7 +287,7 @@ class Engine(QObject):
 
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._cancel = ctx.Value("q", -1)
+        self._cancel = ctx.Value("q", -1, lock=False)  # one writer (the GUI): no lock, no semaphore to leak
         self._proc = ctx.Process(target=_child.main, args=(child, self._cancel, self.kind),
                                  name=f"napari-cellclip-{self.kind}", daemon=True)
         _start_without_main(self._proc)

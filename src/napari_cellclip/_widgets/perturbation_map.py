@@ -382,8 +382,8 @@ class PerturbationMapWidget(QWidget):
 
     # ------------------------------------------------------------------ state in
     def _on_engine_status(self, text: str, ready: bool) -> None:
-        if self.view.points or (self._job is not None and not self._job.done):
-            return
+        if self.view.points or self._job is not None:
+            return  # the line reports the map or the last job now
         base = self._idle_text()
         self.status_label.setText(base if ready else f"{base}. Preparing the map in the background: {text}")
 

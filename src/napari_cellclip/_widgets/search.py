@@ -391,8 +391,8 @@ class SearchWidget(QWidget):
         return self._job is not None and self._job.is_running
 
     def _on_engine_status(self, text: str, ready: bool) -> None:
-        if self._busy_now() or self.state.store is not None:
-            return
+        if self._job is not None or self.state.store is not None:
+            return  # the line reports the last job now
         if ready:
             self.status_label.setText("Not embedded yet: press Embed plate")
         else:
