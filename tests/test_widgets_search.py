@@ -95,6 +95,9 @@ def test_clicking_a_result_shows_that_field_and_the_caption_names_it(embedded, q
     p13 = fields.index[fields["Metadata_Well"] == "P13"][0]
     viewer.dims.set_current_step(0, int(p13))
     assert "P13" in overlay.text and "lonafarnib (farnesyltransferase inhibitor)" in overlay.text
+    a13 = fields.index[fields["Metadata_Well"] == "A13"][0]
+    viewer.dims.set_current_step(0, int(a13))  # a long MoA is shortened
+    assert overlay.text.endswith("orantinib (FGFR inhibitor, PDGFR tyrosine kinase…)"), overlay.text
     assert not _display.scale_bar(viewer).visible  # the sample has no pixel size
     w.caption_check.setChecked(False)
     assert not overlay.visible
@@ -330,7 +333,7 @@ def test_hit_gallery_shows_the_top_hits_side_by_side(make_search, qtbot, notes, 
     feats = labels.features
     assert feats["store_row"].tolist() == res["store_row"].tolist()
     assert feats["label"].iloc[0].startswith(f"1. {res['Metadata_Well'].iloc[0]} s{int(res['Metadata_Site'].iloc[0])}")
-    assert "lonafarnib" in feats["label"].iloc[0] and "score" in feats["label"].iloc[0]
+    assert feats["label"].iloc[0].splitlines()[1:] == ["lonafarnib", f"score {res['score'].iloc[0]:.2f}"]
     # beside the plate, each tile as large as a field, never over it
     plate_w = viewer.layers["DNA"].data.shape[-1]
     assert image.translate[1] > plate_w

@@ -96,10 +96,7 @@ class _Demo:
             if res is not None and len(res):
                 top = res.head(5)[["rank", "score", "Metadata_Well", "Metadata_Site", "Metadata_pert_iname"]]
                 print(top.to_string(index=False), file=sys.stderr)
-                if self.args.no_gallery:
-                    s.select_result(0)
-                else:
-                    s.table.selectRow(0)
+                s.select_result(0)
             self.jobs = [s.gallery_job] if s.gallery_job is not None else []
             self.step = "map"
             return True

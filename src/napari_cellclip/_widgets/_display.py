@@ -8,7 +8,6 @@ that plate's fields are added as new (lazy) layers first.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -169,7 +168,10 @@ def field_caption(row) -> str:
     pert = next((row[c] for c in ("Metadata_pert_iname", "Metadata_broad_sample", "Metadata_gene")
                  if c in row and _present(row[c])), None)
     if pert is not None:
-        moa = row["Metadata_moa"] if "Metadata_moa" in row and _present(row["Metadata_moa"]) else None
+        moa = str(row["Metadata_moa"]).replace("|", ", ") if "Metadata_moa" in row and _present(row["Metadata_moa"]) \
+            else None
+        if moa and len(moa) > 40:
+            moa = moa[:40].rsplit(" ", 1)[0].rstrip(", ") + "…"  # whole words
         parts.append(f"{pert} ({moa})" if moa else str(pert))
     return " · ".join(parts)
 
@@ -277,18 +279,3 @@ def focus_plate(viewer) -> None:
         viewer.fit_to_view(layers=layers)
     except (AttributeError, TypeError):  # napari without fit_to_view(layers=)
         viewer.reset_view()
-
-
-@contextmanager
-def layers_added_quietly(viewer):
-    """Add layers without making them the active one (napari otherwise rebuilds its layer
-    controls for each new layer: a large part of what adding a layer costs the GUI thread)."""
-    layers = viewer.layers
-    before = getattr(layers, "_activate_on_insert", None)
-    if before is not None:
-        layers._activate_on_insert = False
-    try:
-        yield
-    finally:
-        if before is not None:
-            layers._activate_on_insert = before

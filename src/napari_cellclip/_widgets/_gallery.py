@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._display import layers_added_quietly, plate_layers
+from ._display import plate_layers
 
 __all__ = ["field_thumbnails", "grid_shape", "mosaic", "build_gallery", "display_luts", "composite",
            "show_gallery", "clear_gallery", "gallery_layers", "open_tile", "redraw", "MAX_TILES", "TILE_PX", "IMAGE_LAYER", "LABELS_LAYER"]
@@ -133,10 +133,10 @@ def _label(rec: dict, score_name: str) -> str:
     site = rec.get("Metadata_Site")
     site = "" if site is None or (isinstance(site, float) and np.isnan(site)) else f" s{int(float(site))}"
     pert = rec.get("Metadata_pert_iname")
-    pert = "" if pert is None or (isinstance(pert, float) and np.isnan(pert)) else f"  {pert}"
+    pert = "" if pert is None or (isinstance(pert, float) and np.isnan(pert)) else f"\n{pert}"
     score = rec.get("score")
     score = "" if score is None or (isinstance(score, float) and np.isnan(score)) else f"\n{score_name} {score:.2f}"
-    return f"{int(rec.get('rank', 0))}. {rec.get('Metadata_Well', '')}{site}{pert}{score}"
+    return f"{int(rec.get('rank', 0))}. {rec.get('Metadata_Well', '')}{site}{pert}{score}"  # three short lines
 
 
 def display_luts(viewer, stains: Sequence[str]) -> list:
@@ -225,24 +225,23 @@ def show_gallery(viewer, gallery: dict, table, stains: Sequence[str], *,
     keep = [c for c in table.columns if c in ("rank", "score", "store_row") or str(c).startswith("Metadata_")]
     features = table.head(k)[keep].reset_index(drop=True)
     features["label"] = [_label(r, score_name) for r in table.head(k).to_dict("records")]
+    # the text's anchor is the point (the tile's centre): move it to the tile's top-left corner
     text = {"string": "{label}", "anchor": "upper_left", "size": 9, "color": "white",
-            "translation": [tile * 0.02, tile * 0.02]}
+            "translation": [-tile * 0.47, -tile * 0.47]}
     layers = {ly.name: ly for ly in gallery_layers(viewer)}
     first = not layers
     image, labels = layers.get(IMAGE_LAYER), layers.get(LABELS_LAYER)
     if image is None:
-        with layers_added_quietly(viewer):
-            image = viewer.add_image(rgb, name=IMAGE_LAYER, rgb=True, scale=(factor * px, factor * px),
-                                     translate=tuple(origin), metadata={GALLERY_KEY: geometry})
+        image = viewer.add_image(rgb, name=IMAGE_LAYER, rgb=True, scale=(factor * px, factor * px),
+                                 translate=tuple(origin), metadata={GALLERY_KEY: geometry})
     else:
         image.data, image.scale, image.translate = rgb, (factor * px, factor * px), tuple(origin)
         image.metadata[GALLERY_KEY] = geometry
     if labels is None:
-        with layers_added_quietly(viewer):
-            labels = viewer.add_points(
-                centres, name=LABELS_LAYER, symbol="square", size=tile, face_color="transparent",
-                border_color=_FRAME, border_width=0.012, border_width_is_relative=True, features=features,
-                text=text, metadata={GALLERY_KEY: geometry})
+        labels = viewer.add_points(
+            centres, name=LABELS_LAYER, symbol="square", size=tile, face_color="transparent",
+            border_color=_FRAME, border_width=0.012, border_width_is_relative=True, features=features,
+            text=text, metadata={GALLERY_KEY: geometry})
         labels.editable = False
     else:
         labels.data = centres

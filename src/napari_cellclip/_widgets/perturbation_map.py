@@ -612,9 +612,8 @@ class PerturbationMapWidget(QWidget):
         meta = {"cellclip_map": {"method": self.method_used, "level": self.level_used}}
         if layer is None:
             size = max(float(np.ptp(data, axis=0).max()) / 60, 1.0) if len(data) else 10.0
-            with _display.layers_added_quietly(self.viewer):
-                layer = self.viewer.add_points(data, name=POINTS_LAYER, features=feats, face_color=colors, size=size,
-                                               border_width=0, visible=False, metadata=meta)
+            layer = self.viewer.add_points(data, name=POINTS_LAYER, features=feats, face_color=colors, size=size,
+                                           border_width=0, visible=False, metadata=meta)
             try:
                 layer.selected_data.events.items_changed.connect(self._on_layer_selection)
             except AttributeError:  # pragma: no cover - older napari
