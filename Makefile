@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 ## Run the test suite (widget tests run on a virtual X server via pytest-xvfb).
 test: $(STAMP)
-	@echo "==> running the test suite (widget tests on a virtual X server; about 20-40 minutes on 2 CPU cores)"
+	@echo "==> running the test suite (widget tests on a virtual X server; about 30-45 minutes on 2 busy CPU cores)"
 	$(PY) -m pytest
 
 checkpoint: $(STAMP)
