@@ -17,7 +17,7 @@ import pytest
 from _formats_data import (
     BRAY_NAMES, PLATE, sample_fields, write_dye_folders, write_ome_tiffs, write_ome_zarr, write_phenix,
 )
-from napari_cellclip._reader import get_reader, read_fields
+from napari_cellclip._reader import get_reader, read_fields, stain_colormap
 from napari_cellclip.errors import CellClipWarning
 from napari_cellclip.metadata import annotate
 from napari_cellclip.sample import load_sample_fields, sample_platemap_dir
@@ -128,7 +128,7 @@ def test_napari_opens_an_ome_zarr_plate_as_multiscale_stain_layers(make_napari_v
     assert [ly.name for ly in layers] == STAINS
     for ly in layers:
         assert ly.multiscale and len(ly.data) == 2 and ly.data[0].shape == (12, 540, 540)
-    assert viewer.layers["DNA"].colormap.name == "blue"
+    assert viewer.layers["DNA"].colormap.name == stain_colormap("DNA").name
     assert viewer.dims.nsteps[0] == 12
 
 

@@ -7,8 +7,10 @@ over fields): only the field on screen is decoded, one image read per (field, st
 and one dask chunk each (the graph is a single blockwise layer, so a plate of
 thousands of fields opens as fast as a small one).  OME-Zarr plates and pyramidal
 OME-TIFFs give a *multiscale* layer: napari reads the pyramid level it displays.
-Layers are named by stain, blended additively, coloured the Cell Painting way and
-given contrast limits from robust percentiles of the first readable field.  The
+Layers are named by stain, blended additively, coloured the Cell Painting way
+(:data:`STAIN_DISPLAY`) and given contrast limits from robust percentiles of a few
+fields spread through the plate; with a known pixel size (``Metadata_PixelSizeX/Y``,
+µm) they are scaled to micrometres.  The
 fields table (``Metadata_*`` columns + image paths, annotated with the platemap when
 one is found) goes into ``layer.metadata["cellclip_fields"]``, which is how the
 widgets know which plate is open.
@@ -34,6 +36,7 @@ box saves one for the exact folder).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,36 +46,77 @@ __all__ = [
     "get_reader",
     "read_fields",
     "fields_layer_data",
+    "stain_style",
     "stain_colormap",
-    "STAIN_COLORMAPS",
+    "StainStyle",
+    "STAIN_DISPLAY",
+    "PIXEL_SIZE_COLUMN",
+    "PIXEL_SIZE_KEY",
 ]
 
 FIELDS_KEY = "cellclip_fields"
 SOURCE_KEY = "cellclip_source"
+#: fields-table column with the pixel size in micrometres (plate readers fill it from the
+#: image metadata when it is known); the layers then get that scale and a scale bar
+PIXEL_SIZE_COLUMN = "Metadata_PixelSizeUm"
+#: layer metadata key holding that pixel size (µm per pixel) for the widgets
+PIXEL_SIZE_KEY = "cellclip_pixel_size_um"
+#: percentiles of a sample of the plate's fields giving the display contrast limits: the
+#: low end just above the background, the high end saturating only the brightest 0.1 %
+DISPLAY_PERCENTILES = (5.0, 99.9)
+#: how many fields (spread through the plate) the contrast limits are taken from
+DISPLAY_SAMPLE_FIELDS = 3
 
-#: Cell Painting display colours (napari colormap names)
-STAIN_COLORMAPS = {
-    "DNA": "blue",
-    "ER": "green",
-    "RNA": "yellow",
-    "AGP": "red",
-    "Mito": "magenta",
+
+@dataclass(frozen=True)
+class StainStyle:
+    """How one stain is drawn in the composite: colour (hex), gamma and opacity (its weight
+    in the additive blend)."""
+
+    color: str
+    gamma: float = 1.0
+    opacity: float = 1.0
+    label: str = ""
+
+
+#: The Cell Painting composite.  Colours follow the composites of the RxRx Cell Painting
+#: datasets (Recursion's rxrx1-utils: DNA blue, ER green, RNA cyan, AGP red, Mito magenta)
+#: rather than a yellow RNA, which with green ER and red AGP sums to a yellow-white
+#: cytoplasm.  DNA is a lighter blue (pure blue is too dark on black to read); the diffuse
+#: cytoplasmic stains (ER, RNA, AGP) get a gamma above 1 and a lower weight, so their
+#: structures (perinuclear ER, nucleoli, Golgi) show and their sum does not wash out the
+#: cell; punctate Mito and the nuclei stay at full weight.
+STAIN_DISPLAY = {
+    "DNA": StainStyle("#2666ff", gamma=0.9, opacity=1.0, label="blue"),
+    "ER": StainStyle("#00ff00", gamma=1.3, opacity=0.8, label="green"),
+    "RNA": StainStyle("#00cccc", gamma=1.5, opacity=0.7, label="cyan"),
+    "AGP": StainStyle("#ff2600", gamma=1.3, opacity=0.8, label="red"),
+    "Mito": StainStyle("#ff00ff", gamma=1.0, opacity=1.0, label="magenta"),
 }
-_FALLBACK_COLORMAPS = ("cyan", "gray", "bop orange", "bop purple", "I Forward")
+_FALLBACK_STYLES = (StainStyle("#ffd700", label="yellow"), StainStyle("#ffffff", label="grey"),
+                    StainStyle("#ff8c00", label="orange"), StainStyle("#9370db", label="purple"))
 
 
-def stain_colormap(stain: str, i: int = 0) -> str:
-    """Colormap for ``stain`` (case-insensitive match on the Cell Painting names)."""
-    for key, cmap in STAIN_COLORMAPS.items():
+def stain_style(stain: str, i: int = 0) -> StainStyle:
+    """Display style of ``stain`` (Cell Painting name or a dye name; else the i-th fallback)."""
+    for key, style in STAIN_DISPLAY.items():
         if stain.lower() == key.lower():
-            return cmap
-    low = stain.lower()
-    for key, cmap in (("hoechst", "blue"), ("dapi", "blue"), ("nuc", "blue"), ("conc", "green"),
-                      ("syto", "yellow"), ("phallo", "red"), ("actin", "red"), ("wga", "red"),
-                      ("mito", "magenta")):
-        if key in low:
-            return cmap
-    return _FALLBACK_COLORMAPS[i % len(_FALLBACK_COLORMAPS)]
+            return style
+    from .formats.dyes import canonical_stain
+
+    key = canonical_stain(stain)  # a dye or marker name (Hoechst, ConA, SYTO 14 ...)
+    if key in STAIN_DISPLAY:
+        return STAIN_DISPLAY[key]
+    return _FALLBACK_STYLES[i % len(_FALLBACK_STYLES)]
+
+
+def stain_colormap(stain: str, i: int = 0):
+    """napari colormap (black to the stain's colour) named ``"<stain> <colour>"``."""
+    from napari.utils.colormaps import Colormap
+
+    style = stain_style(stain, i)
+    rgb = [int(style.color[k:k + 2], 16) / 255 for k in (1, 3, 5)]
+    return Colormap([[0, 0, 0, 1], [*rgb, 1]], name=f"{stain} {style.label}".strip())
 
 
 # --------------------------------------------------------------------------- reading
@@ -220,45 +264,43 @@ def _load_channel(row: dict, stain: str, shape: tuple, dtype, level: int = 0) ->
 def fields_layer_data(fields, source: str = "", *, name_prefix: str = "") -> list[tuple]:
     """LayerData tuples (one image layer per stain) for the fields in ``fields``.
 
-    Raises :class:`~napari_cellclip.errors.CellClipError` when no field can be read.
+    Each stain gets its Cell Painting colour, gamma and weight (:data:`STAIN_DISPLAY`) and
+    contrast limits from :data:`DISPLAY_PERCENTILES` of a few fields spread through the
+    plate.  With a pixel size (:data:`PIXEL_SIZE_COLUMN`) the layers are scaled to
+    micrometres.  Raises :class:`~napari_cellclip.errors.CellClipError` when no field can
+    be read.
     """
-    from .errors import ImageReadError
-    from .images import contrast_limits, load_field
     from .plates import stains as plate_stains
 
     fields = fields.reset_index(drop=True)
     stains = list(plate_stains(fields))
-    first = None
-    last_exc = None
-    for i in range(min(len(fields), 8)):
-        try:
-            first = load_field(fields.iloc[i], stains)
-            break
-        except ImageReadError as exc:
-            last_exc = exc
-    if first is None:
-        raise last_exc or ImageReadError(source or "<plate>", "no readable field")
+    sample = _display_sample(fields, stains, source)
+    first = sample[0]
     _, h, w = first.shape
     dtype = first.dtype
     rows = [_row_dict(r) for _, r in fields.iterrows()]
-    shapes = _level_shapes(fields.iloc[i], stains[0], (h, w))
+    shapes = _level_shapes(fields.iloc[0], stains[0], (h, w))
     levels = [_lazy_fields(rows, stains, shape, dtype, lv) for lv, shape in enumerate(shapes)]
     data = levels if len(levels) > 1 else levels[0]
-    limits = [contrast_limits(first[c]) for c in range(len(stains))]
-    dtype_max = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else None
-    if dtype_max is not None:
-        limits = [(lo, min(hi, dtype_max)) for lo, hi in limits]
+    styles = [stain_style(s, i) for i, s in enumerate(stains)]
     metadata = {FIELDS_KEY: fields, SOURCE_KEY: str(source)}
     kwargs: dict[str, Any] = {
         "channel_axis": 1,
         "multiscale": len(levels) > 1,
         "name": [f"{name_prefix}{s}" for s in stains],
         "colormap": [stain_colormap(s, i) for i, s in enumerate(stains)],
+        "gamma": [st.gamma for st in styles],
+        "opacity": [st.opacity for st in styles],
         "blending": "additive",
-        "contrast_limits": limits,
+        "contrast_limits": display_limits(sample, dtype),
         "metadata": metadata,
         "axis_labels": ("field", "y", "x"),
     }
+    px = pixel_size_um(fields)
+    if px is not None:
+        metadata[PIXEL_SIZE_KEY] = px
+        kwargs["scale"] = (1.0, px, px)
+        kwargs["units"] = ("pixel", "um", "um")
     return [(data, kwargs, "image")]
 
 
@@ -287,6 +329,79 @@ def _lazy_fields(rows: list, stains: list, shape: tuple, dtype, level: int):
     chunks = ((1,) * len(rows), (1,) * len(stains), (shape[0],), (shape[1],))
     return da.map_blocks(block, dtype=dtype, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype),
                          name=f"cellclip-fields-{uuid.uuid4().hex}")
+
+
+def _display_sample(fields, stains, source: str) -> list[np.ndarray]:
+    """Up to :data:`DISPLAY_SAMPLE_FIELDS` readable fields, spread through the plate, the first
+    readable one first (it fixes the layers' shape and dtype)."""
+    from .errors import ImageReadError
+    from .images import load_field
+
+    first, last_exc = None, None
+    for i in range(min(len(fields), 8)):
+        try:
+            first = load_field(fields.iloc[i], stains)
+            break
+        except ImageReadError as exc:
+            last_exc = exc
+    if first is None:
+        raise last_exc or ImageReadError(source or "<plate>", "no readable field")
+    sample = [first]
+    n = len(fields)
+    for i in sorted({n // 2, n - 1} - {0})[: DISPLAY_SAMPLE_FIELDS - 1]:
+        try:
+            img = load_field(fields.iloc[i], stains)
+        except ImageReadError:
+            continue
+        if img.shape == first.shape:
+            sample.append(img)
+    return sample
+
+
+def display_limits(sample: Sequence[np.ndarray], dtype) -> list[tuple[float, float]]:
+    """Per-channel contrast limits from :data:`DISPLAY_PERCENTILES` of the sampled fields."""
+    from .images import contrast_limits
+
+    low, high = DISPLAY_PERCENTILES
+    stride = max(1, int(np.ceil(np.sqrt(sample[0][0].size / 262_144))))  # <= ~0.26 M pixels per field
+    limits = []
+    for c in range(sample[0].shape[0]):
+        pixels = np.concatenate([f[c, ::stride, ::stride].ravel() for f in sample])
+        limits.append(contrast_limits(pixels, low, high))
+    if np.issubdtype(dtype, np.integer):
+        top = float(np.iinfo(dtype).max)
+        limits = [(lo, min(hi, top)) if hi > lo else (lo, lo + 1.0) for lo, hi in limits]
+    return limits
+
+
+def pixel_size_um(fields) -> float | None:
+    """The plate's pixel size in µm, when known and one for all fields.
+
+    Read from :data:`PIXEL_SIZE_COLUMN`, or from ``Metadata_PixelSizeX``/``Y`` (µm, what
+    the OME-TIFF and OME-Zarr readers fill) when X and Y agree.
+    """
+    import pandas as pd
+
+    cols = getattr(fields, "columns", ())
+    if PIXEL_SIZE_COLUMN in cols:
+        values = pd.to_numeric(fields[PIXEL_SIZE_COLUMN], errors="coerce")
+    elif "Metadata_PixelSizeX" in cols and "Metadata_PixelSizeY" in cols:
+        x = pd.to_numeric(fields["Metadata_PixelSizeX"], errors="coerce")
+        y = pd.to_numeric(fields["Metadata_PixelSizeY"], errors="coerce")
+        values = x.where(np.isclose(x, y, rtol=1e-3))
+    else:
+        return None
+    values = values.dropna()
+    values = values[(values > 0) & np.isfinite(values)]
+    if values.empty:
+        return None
+    if values.nunique() > 1:
+        from .errors import CellClipWarning
+
+        warnings.warn(f"the fields have different pixel sizes ({sorted(values.unique())[:4]} µm): "
+                      "shown in pixels, without a scale bar", CellClipWarning, stacklevel=2)
+        return None
+    return float(values.iloc[0])
 
 
 def _row_dict(row) -> dict:
