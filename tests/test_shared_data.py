@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import conftest
+import pytest
 
 
 def test_shared_folder_is_next_to_the_repository_root(monkeypatch):
