@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from napari_cellclip import correction as corr
+from napari_cellclip.errors import CellClipWarning
 
 covariance = pytest.importorskip("sklearn.covariance")
 
@@ -51,7 +52,7 @@ def test_auto_shrinkage_is_ledoit_wolf_per_channel_and_whitens_with_it():
     want = [covariance.ledoit_wolf_shrinkage(z[:, c]) for c in range(C)]
     assert all(0.05 < s < 0.95 for s in want)  # shrinkage really is in play
     assert len(set(np.round(want, 3))) == C  # and differs between channels
-    np.testing.assert_allclose(spec["fitted_shrinkage"], want, atol=6e-5)  # recorded (rounded to 4)
+    assert spec["fitted_shrinkage"] == [round(w, 4) for w in want]  # recorded, to 4 decimals
     state = spec["_state"]
     for c in range(C):
         lw = covariance.LedoitWolf().fit(z[:, c])
@@ -59,7 +60,7 @@ def test_auto_shrinkage_is_ledoit_wolf_per_channel_and_whitens_with_it():
         # the shrunk covariance, on the unbiased (n - 1) scale of the sample covariance
         cov = lw.covariance_ * n / (n - 1)
         np.testing.assert_allclose(state["mean"][c], z[:, c].mean(0), atol=1e-5)
-        np.testing.assert_allclose(state["whiten"][c], _inv_sqrt(cov, eps), rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(state["whiten"][c], _inv_sqrt(cov, eps), rtol=1e-6, atol=1e-6)
 
 
 def test_fixed_shrinkage_is_used_as_given():
@@ -72,7 +73,7 @@ def test_fixed_shrinkage_is_used_as_given():
             sample = np.cov(z[:, c].T)
             cov = (1 - s) * sample + s * np.trace(sample) / sample.shape[0] * np.eye(sample.shape[0])
             np.testing.assert_allclose(spec["_state"]["whiten"][c], _inv_sqrt(cov, spec["whiten_eps"]),
-                                       rtol=2e-4, atol=2e-5)
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_corrected_controls_follow_the_whitening():
@@ -88,3 +89,19 @@ def test_corrected_controls_follow_the_whitening():
     st = spec["_state"]
     want = np.einsum("ncd,cde->nce", z_all - st["mean"][None], st["whiten"].astype(np.float64))
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_control_fields_use_the_unbiased_covariance():
+    """With 2 controls the n - 1 = 1 normalisation of the sample covariance matters."""
+    x, fields, _ = _data(seed=3)
+    controls = np.zeros(len(fields), dtype=bool)
+    controls[[0, 1]] = True  # plate P1's first two fields; plate P2 has none (centred on all its fields)
+    fields = fields.assign(Metadata_control_type=np.where(controls, "negcon", "trt"))
+    with pytest.warns(CellClipWarning, match="plate P2: no negative-control"):
+        spec = corr.fit(x, fields, corr.make_spec("tvn", shrinkage=0.0))
+    ref = x[:2].astype(np.float64)
+    z = (ref - ref.mean(0)) / ref.std(0)
+    for c in range(3):
+        sample = np.cov(z[:, c].T)  # ddof=1
+        np.testing.assert_allclose(spec["_state"]["whiten"][c], _inv_sqrt(sample, spec["whiten_eps"]),
+                                   rtol=1e-6, atol=1e-6)
