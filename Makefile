@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install checkpoint benchmark clean
+.PHONY: demo test install checkpoint benchmark mutation clean
 
 # First use installs everything (5-10 minutes, mostly downloads); each step says what it does.
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 checkpoint: $(STAMP)
 	$(PY) -m training fit
+
+## Mutation testing, module by module (not in CI; see benchmarks/MUTATION.md). MODULES="ann store" for some.
+mutation: $(STAMP)
+	nice $(PY) scripts/mutation.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

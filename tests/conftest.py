@@ -7,6 +7,43 @@ from pathlib import Path
 
 import pytest
 
+#: where ../shared is looked for, unless NAPARI_CELLCLIP_SHARED names the folder
+SHARED_ENV = "NAPARI_CELLCLIP_SHARED"
+
+
+def repo_root() -> Path:
+    """The repository root: the nearest folder above the tests holding ``.git`` (a folder, or a
+    worktree's file), else the tests folder's parent (an unpacked sdist)."""
+    here = Path(__file__).resolve().parent
+    for d in (here, *here.parents):
+        if (d / ".git").exists():
+            return d
+    return here.parent
+
+
+def shared_dir() -> Path:
+    """``$NAPARI_CELLCLIP_SHARED``, else ``shared`` next to the repository root (``../shared``)."""
+    env = os.environ.get(SHARED_ENV)
+    return Path(env).expanduser() if env else repo_root().parent / "shared"
+
+
+def require_shared(*parts: str) -> Path:
+    """``shared_dir()/data/<parts>``, or skip naming the missing folder (the ``-ra`` summary shows
+    it).  With ``NAPARI_CELLCLIP_SHARED`` set the data was promised: a missing folder fails."""
+    path = shared_dir().joinpath("data", *parts)
+    if path.is_dir():
+        return path
+    msg = f"needs {path} (real data from ../shared; set {SHARED_ENV}=<folder holding data/> to run it)"
+    if os.environ.get(SHARED_ENV):
+        pytest.fail(f"{SHARED_ENV} is set but {path} is missing", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_lincs() -> Path:
+    """The real LINCS A549 plates of ../shared/data/lincs-a549 (skips, naming the path, without them)."""
+    return require_shared("lincs-a549")
+
 
 @pytest.fixture(scope="session")
 def cellclip_cache_dir(tmp_path_factory) -> Path:

@@ -97,12 +97,13 @@ def _fill(template: str, cell: str | None, **values: str | None) -> str:
         if token not in text:
             continue
         if value is None:
-            # drop the clause ", <label>: {key}" the value belongs to
-            start = text.find(token)
-            comma = text.rfind(",", 0, start)
-            if comma == -1:
-                raise MetadataError(f"template {template!r} needs a value for {key}")
-            text = text[:comma] + text[start + len(token):]
+            # drop the clause ", <label>: {key}" the value belongs to (each one, if used twice)
+            while token in text:
+                start = text.find(token)
+                comma = text.rfind(",", 0, start)
+                if comma == -1:
+                    raise MetadataError(f"template {template!r} needs a value for {key}")
+                text = text[:comma] + text[start + len(token):]
         else:
             text = text.replace(token, value)
     if cell is None:
