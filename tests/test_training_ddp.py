@@ -29,7 +29,8 @@ def test_ddp_two_processes_gloo(tmp_path, cellclip_cache_dir):
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                NAPARI_CELLCLIP_CACHE=str(cellclip_cache_dir))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()),
            "-m", "training", "fit", "--epochs", "2", "--device", "cpu", "--output", str(out),
            "--embed-dim", "32", "--vision-layers", "1", "--no-progress", "--cache-dir", str(cellclip_cache_dir)]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

@@ -95,9 +95,9 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
     if platemap is None:
         return fields
     try:
-        from .metadata import annotate
+        from .fields import read_fields
 
-        return annotate(fields, platemap_dir=platemap, **kwargs)
+        return read_fields(fields, platemap=platemap, **kwargs)
     except Exception as exc:  # noqa: BLE001
         warnings.warn(f"platemap metadata from {platemap} not joined: {exc}", CellClipWarning, stacklevel=2)
         return fields
@@ -110,26 +110,26 @@ def read_fields(path: str | Path | Sequence[str | Path]):
     files, the plate around them is read and only the fields those files belong to kept.
     """
     from .errors import CellClipError
-    from .plates import read_plate
+    from .fields import read_fields as read_table
 
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     if not paths:
         return None
     try:
         if len(paths) == 1 and paths[0].is_dir():
-            fields = read_plate(paths[0])
+            fields = read_table(paths[0])
             plate_dir = paths[0]
         elif len(paths) == 1 and paths[0].suffix.lower() == ".csv":
             if not paths[0].is_file() or not _is_loaddata_csv(paths[0]):
                 return None
-            fields = read_plate(paths[0])
+            fields = read_table(paths[0])
             plate_dir = paths[0].parent
         elif all(p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() for p in paths):
             parents = {p.parent.resolve() for p in paths}
             if len(parents) != 1:
                 return None
             plate_dir = parents.pop()
-            fields = read_plate(plate_dir)
+            fields = read_table(plate_dir)
             fields = _fields_with_files(fields, paths)
         else:
             return None

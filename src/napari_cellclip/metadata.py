@@ -182,115 +182,134 @@ def annotate(
     if platemap is None and barcode_platemap is None:
         raise MetadataError("give a platemap file, or a barcode_platemap.csv (with a platemap folder)")
 
-    # plate -> platemap table
-    plate_maps: dict[str, pd.DataFrame] = {}
-    if platemap is not None:
-        pm = read_platemap(platemap)
-        plate_maps = {p: pm for p in fields["Metadata_Plate"].unique()}
-    else:
-        bp = _read_table(Path(barcode_platemap))
-        bcol = _col(bp, ("Assay_Plate_Barcode", "Metadata_Plate", "plate"), "plate barcode", barcode_platemap)
-        mcol = _col(bp, ("Plate_Map_Name", "Metadata_Plate_Map_Name", "platemap"), "platemap name", barcode_platemap)
-        lookup = dict(zip(bp[bcol].str.strip(), bp[mcol].str.strip()))
-        base = folder if folder is not None else Path(barcode_platemap).parent
-        cache: dict[str, pd.DataFrame] = {}
-        for plate in fields["Metadata_Plate"].unique():
-            if plate not in lookup:
-                raise MetadataError(f"plate {plate} is not in {barcode_platemap} (it lists "
-                                    f"{', '.join(sorted(lookup)[:10])})")
-            name = lookup[plate]
-            if name not in cache:
-                f = _find_file(base, name)
-                if f is None:
-                    raise MetadataError(f"platemap {name!r} for plate {plate} not found in {base}")
-                cache[name] = read_platemap(f)
-            plate_maps[plate] = cache[name]
-
+    plate_maps = _plate_maps(fields["Metadata_Plate"].unique(), platemap, barcode_platemap, folder)
     ann = read_annotations(annotations) if annotations is not None else None
-    mod = _modality(ann, modality) if ann is not None else (modality or "compound")
-    negcon_lower = {n.lower() for n in negcon}
-
-    out = fields.copy()
-    cols = {k: [] for k in ("broad_sample", "pert_iname", "dose", "moa", "target", "smiles", "inchikey",
-                            "control_type", "is_control", "gene", "target_sequence", "prompt")}
+    wells = _WellAnnotator(ann, _modality(ann, modality) if ann is not None else (modality or "compound"),
+                           cell_line, negcon, templates)
+    cols: dict[str, list] = {k: [] for k in _WELL_COLUMNS}
     missing_wells: list[str] = []
-    missing_samples: set[str] = set()
-    nameless: set[str] = set()
-    indexed = {id(t): t.set_index("well") for t in plate_maps.values()}
-
-    def well_record(plate: str, well: str) -> dict:
-        """The perturbation columns of one well (the same for all its fields)."""
-        pm = indexed[id(plate_maps[plate])]
-        rec = dict.fromkeys(cols, "")
-        rec["dose"] = np.nan
-        rec["is_control"] = False
-        if well not in pm.index:
-            rec["prompt"] = None
-            return rec
-        pw = pm.loc[well]
-        sample = pw["broad_sample"]
-        rec["broad_sample"] = sample
-        rec["dose"] = pw["dose"]
-        row = {"pert_type": mod, "cell_line": cell_line}
-        if is_missing(sample):
-            solvent = pw.get("solvent", "") or "DMSO"
-            rec["pert_iname"] = solvent
-            rec["control_type"] = "negcon" if solvent.lower() in negcon_lower else "control"
-            rec["is_control"] = True
-        else:
-            a = None
-            if ann is not None:
-                if sample in ann.index:
-                    a = ann.loc[sample]
-                else:
-                    bid = _broad_id(sample)
-                    hits = ann[ann["broad_id"] == bid]
-                    a = hits.iloc[0] if len(hits) else None
-            if a is None:
-                if ann is not None:
-                    missing_samples.add(sample)
-                rec["pert_iname"] = _broad_id(sample)
-            else:
-                for k in ("pert_iname", "moa", "target", "smiles", "inchikey", "gene", "target_sequence"):
-                    rec[k] = a.get(k, "")
-                ct = a.get("control_type", "")
-                rec["control_type"] = "" if is_missing(ct) else ct
-                if (a.get("pert_type", "") or "").lower() == "control" and not rec["control_type"]:
-                    rec["control_type"] = "control"
-                if rec["pert_iname"] == "" and mod in ("crispr", "orf") and rec["gene"]:
-                    rec["pert_iname"] = rec["gene"]
-                if rec["pert_iname"] == "":
-                    nameless.add(sample)
-                    rec["pert_iname"] = _broad_id(sample)
-            if rec["pert_iname"].lower() in negcon_lower and not rec["control_type"]:
-                rec["control_type"] = "negcon"
-            rec["is_control"] = bool(rec["control_type"])
-        row.update({k: rec[k] for k in ("pert_iname", "smiles", "gene", "target_sequence", "control_type")})
-        rec["prompt"] = build_prompt(row, templates)
-        return rec
-
     by_well: dict[tuple[str, str], dict] = {}
-    for key in zip(out["Metadata_Plate"], out["Metadata_Well"]):
-        if key not in by_well:
-            by_well[key] = well_record(*key)
-        rec = by_well[key]
+    for plate, well in zip(fields["Metadata_Plate"], fields["Metadata_Well"]):
+        rec = by_well.get((plate, well))
+        if rec is None:
+            rec = by_well[(plate, well)] = wells.record(plate_maps[plate], well)
         if rec["prompt"] is None:  # the platemap has no row for this well
-            missing_wells.append(f"{key[0]} {key[1]}")
+            missing_wells.append(f"{plate} {well}")
         for k, v in rec.items():
             cols[k].append(v)
+    _warn_unannotated(missing_wells, wells, annotations)
+    return _with_columns(fields, cols, wells.modality, cell_line)
 
 
+#: the columns annotate() fills per well (as ``Metadata_<name>``)
+_WELL_COLUMNS = ("broad_sample", "pert_iname", "dose", "moa", "target", "smiles", "inchikey",
+                 "control_type", "is_control", "gene", "target_sequence", "prompt")
+
+
+def _plate_maps(plates, platemap, barcode_platemap, folder) -> dict[str, pd.DataFrame]:
+    """plate -> its platemap, indexed by well (one file for all plates, or by barcode lookup)."""
+    if platemap is not None:
+        pm = read_platemap(platemap).set_index("well")
+        return {p: pm for p in plates}
+    bp = _read_table(Path(barcode_platemap))
+    bcol = _col(bp, ("Assay_Plate_Barcode", "Metadata_Plate", "plate"), "plate barcode", barcode_platemap)
+    mcol = _col(bp, ("Plate_Map_Name", "Metadata_Plate_Map_Name", "platemap"), "platemap name", barcode_platemap)
+    lookup = dict(zip(bp[bcol].str.strip(), bp[mcol].str.strip()))
+    base = folder if folder is not None else Path(barcode_platemap).parent
+    cache: dict[str, pd.DataFrame] = {}
+    out = {}
+    for plate in plates:
+        if plate not in lookup:
+            raise MetadataError(f"plate {plate} is not in {barcode_platemap} (it lists "
+                                f"{', '.join(sorted(lookup)[:10])})")
+        name = lookup[plate]
+        if name not in cache:
+            f = _find_file(base, name)
+            if f is None:
+                raise MetadataError(f"platemap {name!r} for plate {plate} not found in {base}")
+            cache[name] = read_platemap(f).set_index("well")
+        out[plate] = cache[name]
+    return out
+
+
+class _WellAnnotator:
+    """The perturbation columns of one well from its platemap row and the annotation table;
+    remembers the samples it could not name (``missing_samples``, ``nameless``)."""
+
+    def __init__(self, ann, modality: str, cell_line, negcon, templates):
+        self.ann, self.modality, self.cell_line, self.templates = ann, modality, cell_line, templates
+        self.negcon = {n.lower() for n in negcon}
+        self.missing_samples: set[str] = set()
+        self.nameless: set[str] = set()
+
+    def record(self, platemap: pd.DataFrame, well: str) -> dict:
+        rec = dict.fromkeys(_WELL_COLUMNS, "")
+        rec.update(dose=np.nan, is_control=False)
+        if well not in platemap.index:
+            rec["prompt"] = None
+            return rec
+        pw = platemap.loc[well]
+        sample = pw["broad_sample"]
+        rec.update(broad_sample=sample, dose=pw["dose"])
+        if is_missing(sample):
+            solvent = pw.get("solvent", "") or "DMSO"
+            rec.update(pert_iname=solvent, is_control=True,
+                       control_type="negcon" if solvent.lower() in self.negcon else "control")
+        else:
+            self._treatment(rec, sample)
+        row = {"pert_type": self.modality, "cell_line": self.cell_line}
+        row.update({k: rec[k] for k in ("pert_iname", "smiles", "gene", "target_sequence", "control_type")})
+        rec["prompt"] = build_prompt(row, self.templates)
+        return rec
+
+    def _annotation(self, sample: str):
+        if self.ann is None:
+            return None
+        if sample in self.ann.index:
+            return self.ann.loc[sample]
+        hits = self.ann[self.ann["broad_id"] == _broad_id(sample)]
+        if len(hits):
+            return hits.iloc[0]
+        self.missing_samples.add(sample)
+        return None
+
+    def _treatment(self, rec: dict, sample: str) -> None:
+        a = self._annotation(sample)
+        if a is None:
+            rec["pert_iname"] = _broad_id(sample)
+        else:
+            for k in ("pert_iname", "moa", "target", "smiles", "inchikey", "gene", "target_sequence"):
+                rec[k] = a.get(k, "")
+            ct = a.get("control_type", "")
+            rec["control_type"] = "" if is_missing(ct) else ct
+            if (a.get("pert_type", "") or "").lower() == "control" and not rec["control_type"]:
+                rec["control_type"] = "control"
+            if rec["pert_iname"] == "" and self.modality in ("crispr", "orf") and rec["gene"]:
+                rec["pert_iname"] = rec["gene"]
+            if rec["pert_iname"] == "":
+                self.nameless.add(sample)
+                rec["pert_iname"] = _broad_id(sample)
+        if rec["pert_iname"].lower() in self.negcon and not rec["control_type"]:
+            rec["control_type"] = "negcon"
+        rec["is_control"] = bool(rec["control_type"])
+
+
+def _warn_unannotated(missing_wells: list[str], wells: _WellAnnotator, annotations) -> None:
     if missing_wells:
         warnings.warn(f"{len(missing_wells)} field(s) in wells the platemap has no row for are left "
-                      f"unannotated: {', '.join(sorted(set(missing_wells))[:10])}", CellClipWarning, stacklevel=2)
-    if missing_samples:
-        warnings.warn(f"samples not in the annotation table {annotations}: {', '.join(sorted(missing_samples)[:10])}; "
-                      "their identifier is used as the name", CellClipWarning, stacklevel=2)
-    if nameless:
-        warnings.warn(f"annotation rows without a name in {annotations}: {', '.join(sorted(nameless)[:10])}; "
-                      "their identifier is used as the name", CellClipWarning, stacklevel=2)
+                      f"unannotated: {', '.join(sorted(set(missing_wells))[:10])}", CellClipWarning, stacklevel=3)
+    if wells.missing_samples:
+        warnings.warn(f"samples not in the annotation table {annotations}: "
+                      f"{', '.join(sorted(wells.missing_samples)[:10])}; their identifier is used as the name",
+                      CellClipWarning, stacklevel=3)
+    if wells.nameless:
+        warnings.warn(f"annotation rows without a name in {annotations}: {', '.join(sorted(wells.nameless)[:10])}; "
+                      "their identifier is used as the name", CellClipWarning, stacklevel=3)
 
-    out["Metadata_pert_type"] = mod
+
+def _with_columns(fields: pd.DataFrame, cols: dict, modality: str, cell_line) -> pd.DataFrame:
+    out = fields.copy()
+    out["Metadata_pert_type"] = modality
     for k, v in cols.items():
         out[f"Metadata_{k}"] = v
     out["Metadata_cell_line"] = cell_line if cell_line is not None else ""
@@ -301,6 +320,41 @@ def annotate(
     meta = [c for c in out.columns if c.startswith("Metadata_")]
     rest = [c for c in out.columns if not c.startswith("Metadata_")]
     return out[meta + rest]
+
+
+def with_cell_line(fields: pd.DataFrame, cell_line: str | None,
+                   templates: PromptTemplates = DEFAULT_TEMPLATES) -> pd.DataFrame:
+    """``fields`` with the prompts that name no cell line rewritten to name ``cell_line``.
+
+    Only prompts :func:`annotate` built from these columns with ``templates`` and no cell
+    line are rewritten (and their ``Metadata_cell_line`` set); a prompt written some other
+    way, one naming a cell line, and rows without a prompt are left as they are.
+    """
+    if "Metadata_prompt" not in fields.columns:
+        return fields
+    out = fields.copy()
+    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if c in out.columns]
+    groups = out.groupby(keys, sort=False, dropna=False).indices if keys else {None: np.arange(len(out))}
+    prompts = out["Metadata_prompt"].astype(object).to_numpy(copy=True)
+    cells = (out["Metadata_cell_line"].astype(object).to_numpy(copy=True) if "Metadata_cell_line" in out.columns
+             else np.full(len(out), "", dtype=object))
+    for rows in groups.values():
+        row = out.iloc[rows[0]].to_dict()
+        old = row.get("Metadata_prompt")
+        if is_missing(old):
+            continue
+        row["Metadata_cell_line"] = None
+        try:
+            if build_prompt(row, templates) != old:
+                continue  # not built from these columns with these templates: keep it
+            row["Metadata_cell_line"] = cell_line
+            prompts[rows] = build_prompt(row, templates)
+            cells[rows] = cell_line if cell_line is not None else ""
+        except MetadataError:
+            continue
+    out["Metadata_prompt"] = prompts
+    out["Metadata_cell_line"] = cells
+    return out
 
 
 def prompts_for_table(table: pd.DataFrame, *, modality: str, cell_line: str | None = None,

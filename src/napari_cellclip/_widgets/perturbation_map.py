@@ -194,7 +194,8 @@ class ScatterView(QGraphicsView):
         if event.button() == Qt.MouseButton.LeftButton:
             item = self.itemAt(event.position().toPoint() if hasattr(event, "position") else event.pos())
             if isinstance(item, _Point):
-                add = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier))
+                mods = Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier
+                add = bool(event.modifiers() & mods)
                 if add:
                     item.setSelected(not item.isSelected())
                 else:
@@ -265,8 +266,9 @@ def colors_for(values, palette: Sequence[str] = PALETTE) -> tuple[list[str], lis
         cols = [QColor.fromRgbF(*map(float, c[:3])).name() for c in rgba]
         for i in np.flatnonzero(~finite):
             cols[i] = "#777777"
-        return cols, [(f"{lo:.3g}", cols[int(np.nanargmin(np.where(finite, v, np.inf)))] if finite.any() else "#777777"),
-                      (f"{hi:.3g}", cols[int(np.nanargmax(np.where(finite, v, -np.inf)))] if finite.any() else "#777777")]
+        lo_col = cols[int(np.nanargmin(np.where(finite, v, np.inf)))] if finite.any() else "#777777"
+        hi_col = cols[int(np.nanargmax(np.where(finite, v, -np.inf)))] if finite.any() else "#777777"
+        return cols, [(f"{lo:.3g}", lo_col), (f"{hi:.3g}", hi_col)]
     labels = ["" if (x is None or (isinstance(x, float) and np.isnan(x))) else str(x) for x in s.tolist()]
     cats = list(dict.fromkeys(labels))
     cmap = {c: palette[i % len(palette)] for i, c in enumerate(cats)}
@@ -351,7 +353,8 @@ class PerturbationMapWidget(QWidget):
         self.color_combo.blockSignals(True)
         self.color_combo.clear()
         self.color_combo.addItems(cols)
-        pick = cur if cur in cols else ("Metadata_pert_iname" if "Metadata_pert_iname" in cols else (cols[0] if cols else ""))
+        default = "Metadata_pert_iname" if "Metadata_pert_iname" in cols else (cols[0] if cols else "")
+        pick = cur if cur in cols else default
         self.color_combo.setCurrentText(pick)
         self.color_combo.blockSignals(False)
         if self.map_store is not None and self.map_store.model_id != st.model_id:

@@ -89,27 +89,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a ``python -m training fit`` output folder (its ``model/``
-    or, while training, its latest checkpoint)."""
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    latest = p / "checkpoints" / "latest"
-    if latest.is_dir() and (latest / "config.json").is_file():
-        return latest
-    if latest.is_file():  # a pointer file naming the checkpoint
-        try:
-            target = p / "checkpoints" / latest.read_text().strip()
-            if (target / "config.json").is_file():
-                return target
-        except OSError:
-            pass
-    return p  # load_model names what is missing
-
-
 class SearchWidget(QWidget):
     """Text-to-phenotype search over the plate open in ``napari_viewer``."""
 
@@ -396,12 +375,12 @@ class SearchWidget(QWidget):
         def get_model():
             if cached is not None:
                 return cached
-            from ..embed import load_model
+            from ..checkpoints import load_model
             from ..errors import CheckpointError
 
             if not path:
                 raise CheckpointError("no checkpoint chosen: pick a CellCLIP checkpoint folder")
-            return load_model(resolve_checkpoint(path), device)
+            return load_model(path, device)
 
         return key, get_model
 
@@ -435,6 +414,7 @@ class SearchWidget(QWidget):
             self.state.model = model
             self.state.model_key = key
             self.state.store = store
+            self.show_prompt_form(model)
 
         self._busy(True)
         self.status_label.setText(f"Embedding {len(fields)} fields…")
@@ -443,6 +423,18 @@ class SearchWidget(QWidget):
             on_finished=self._job_finished, on_progress=self._on_progress, total=2 * len(fields),
         )
         return self._job
+
+    def show_prompt_form(self, model) -> None:
+        """Show, as placeholder text, how the checkpoint's training prompts were written, so that
+        typed queries and candidates match what the model learned (they are used as typed)."""
+        from ..checkpoints import prompt_context
+
+        ctx = prompt_context(model.config)
+        if ctx is None:
+            return
+        self.query_edit.setPlaceholderText(f"e.g. {ctx.example()}  (Enter runs)")
+        self.query_edit.setToolTip(f"This checkpoint learned prompts like “{ctx.example()}”")
+        self.prompts_edit.setPlaceholderText(f"Candidate prompts, one per line, e.g. {ctx.example()}")
 
     def _job_finished(self) -> None:
         self._busy(False)
