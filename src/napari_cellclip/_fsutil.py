@@ -65,24 +65,20 @@ def atomic_dir(final) -> Iterator[Path]:
     ``final`` is left as it was.  A killed process therefore never leaves a
     half-written folder under the final name.
     """
-    tmp = temp_path(final)
-    tmp.mkdir()
-    try:
+    with atomic_file(final, folder=True) as tmp:
         yield tmp
-        publish(tmp, final)
-    except BaseException:
-        discard(tmp)
-        raise
 
 
 @contextmanager
-def atomic_file(final) -> Iterator[Path]:
+def atomic_file(final, *, folder: bool = False) -> Iterator[Path]:
     """A temporary path beside ``final`` to write to; moved onto ``final`` when the block succeeds.
 
-    The parent folder is created.  On any error the temporary file is removed and ``final``
-    is left as it was.
+    The parent folder is created (and with ``folder=True`` the temporary path itself, empty).
+    On any error the temporary file is removed and ``final`` is left as it was.
     """
     tmp = temp_path(final)
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
         publish(tmp, final)
