@@ -7,7 +7,7 @@ interleaved, best of N):
 
 1. DINOv2-S/14 (random weights, the dinov2-small architecture), 5-channel 1080×1080
    uint16 TIFF fields on disk, one 224 crop per channel:
-   pipeline (napari_cellclip.pipeline.run_job: decode + normalise + crop in DataLoader
+   pipeline (napari_cellclip.pipeline.run_job, feature cache off: decode + normalise + crop in DataLoader
    workers → one forward per batch → shards → store) vs (a) the published-style baseline
    (per field, per channel: grey → RGB, HF BitImageProcessor on the CPU, one field per
    forward, fp32) vs (b) the bare encoder forward on crops already in memory (the floor).
@@ -156,7 +156,7 @@ def row_dinov2(tmp: Path, n_fields: int, reps: int, device: str):
     from napari_cellclip.embed import load_model
     from napari_cellclip.encoders import resolve_device
     from napari_cellclip.images import load_field, normalize
-    from napari_cellclip.pipeline import _build_encoder, run_job
+    from napari_cellclip.pipeline import build_encoder, run_job
 
     dev = resolve_device(device)
     dino = make_dinov2(tmp / "dinov2-small")
@@ -166,7 +166,7 @@ def row_dinov2(tmp: Path, n_fields: int, reps: int, device: str):
     fields.to_parquet(tmp / "fields1080.parquet")
     model = load_model(ckpt, device=str(dev))
     bs = 4
-    enc = _build_encoder(model.config.image_encoder, dev, n_crops=1, batch_size=bs, channels=5, compile_=False)
+    enc = build_encoder(model.config.image_encoder, dev, n_crops=1, batch_size=bs, channels=5, compile_=False)
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
 
     # baseline model: the unfolded RGB DINOv2 + the HF processor
@@ -176,7 +176,7 @@ def row_dinov2(tmp: Path, n_fields: int, reps: int, device: str):
     def pipeline():
         t = time.perf_counter()
         run_job(fields, None, tmp / "job-dino", model=model, encoder=enc, batch_size=bs, workers=workers,
-                device=str(dev), overwrite=True, ann="never", quiet=True)
+                device=str(dev), overwrite=True, ann="never", quiet=True, cache_dir=False)
         return time.perf_counter() - t
 
     def baseline():
@@ -219,8 +219,9 @@ def row_morphology(tmp: Path, n_fields: int, reps: int, device: str):
     from napari_cellclip.embed import load_model
     from napari_cellclip.encoders import get_encoder, resolve_device
     from napari_cellclip.features import extract_features
-    from napari_cellclip.pipeline import FieldPrep, run_job
+    from napari_cellclip.encoders.base import FieldPrep
     from napari_cellclip.images import load_field
+    from napari_cellclip.pipeline import run_job
 
     dev = resolve_device(device)
     ckpt = make_checkpoint(tmp / "ckpt-morph", "morphology", 128)
@@ -237,7 +238,7 @@ def row_morphology(tmp: Path, n_fields: int, reps: int, device: str):
     def pipeline():
         t = time.perf_counter()
         run_job(fields, None, tmp / "job-morph", model=model, encoder=enc, batch_size=bs, workers=workers,
-                device=str(dev), overwrite=True, ann="never", quiet=True)
+                device=str(dev), overwrite=True, ann="never", quiet=True, cache_dir=False)
         return time.perf_counter() - t
 
     def features():
@@ -520,7 +521,7 @@ def row_memory(tmp: Path, sizes):
         f.to_parquet(tmp / f"mem-{n}.parquet")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
         cmd = [sys.executable, "-c", _MEM_SNIPPET, "--data", str(tmp / f"mem-{n}.parquet"), "--checkpoint",
-               str(ckpt), "--out", str(tmp / f"mem-job-{n}"), "--device", "cpu", "--batch-size", "32",
+               str(ckpt), "--output", str(tmp / f"mem-job-{n}"), "--device", "cpu", "--batch-size", "32", "--no-cache",
                "--workers", "1", "--shard-size", "512", "--encoder-option", "size=64", "--quiet", "--ann", "never"]
         log(f"row 5: {n} fields")
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
