@@ -1,6 +1,6 @@
 """A fit's data: fields → frozen features (the feature engine, cached) → plate-effect correction → well bags.
 
-The corrected (N_fields, C, D) features are written once to ``<output>/.features-rank<r>.npy``
+The corrected (N_fields, C, D) features are written once to a scratch ``.npy`` in ``<output>``
 and memory-mapped (removed when fit returns); each batch gathers its bags' rows by index arrays.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_cellclip._fsutil import temp_path
 from napari_cellclip.errors import CellClipError
 
 from . import data as training_data
@@ -110,8 +111,7 @@ def _corrected(cfg, feats, fields, train_mask, val_mask, spec, rank: int):
     n_train = int(train_mask.sum())
     path = None
     if cfg.features_mmap:
-        path = Path(cfg.output) / f".features-rank{rank}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = temp_path(Path(cfg.output) / f"features-rank{rank}.npy")  # a scratch file, removed by close()
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=feats.shape)
     else:
         out = np.empty(feats.shape, dtype=np.float32)

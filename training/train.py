@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from napari_cellclip._fsutil import atomic_write_text
+from napari_cellclip._fsutil import append_text, atomic_write_text
 
 from .config import FitConfig
 from .distributed import Dist, resolve_train_device
@@ -63,8 +63,7 @@ class Run:
 
     def log(self, rec: dict) -> None:
         if self.dist.main:
-            with open(self.output / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(rec, default=float) + "\n")
+            append_text(self.output / "metrics.jsonl", json.dumps(rec, default=float) + "\n")
 
 
 # ------------------------------------------------------------------------- set-up

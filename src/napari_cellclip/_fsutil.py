@@ -8,7 +8,9 @@ final name.  Writers that need a path (pandas, faiss, safetensors, ``np.save``) 
 / :func:`atomic_save_npy`; folders use :func:`atomic_dir`; a writer that fills a file over
 time (a memory-mapped array) takes a :func:`temp_path` and calls :func:`publish` or
 :func:`discard`.  :func:`publish` is the single point where a finished temporary becomes
-visible, so a content checksum (or an fsync) added there covers every write.
+visible, so a content checksum (or an fsync) added there covers every write.  Logs that grow a
+line at a time (``metrics.jsonl``) go through :func:`append_text`; scratch files a process
+maps and removes itself take a :func:`temp_path`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_save_npy", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["append_text", "atomic_dir", "atomic_file", "atomic_save_npy", "atomic_write_bytes", "atomic_write_text",
            "discard", "file_digest", "publish", "temp_path"]
 
 
@@ -99,6 +101,15 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def append_text(path, text: str, encoding: str = "utf-8") -> Path:
+    """Append ``text`` to a log file (``metrics.jsonl``): appends are not swapped in, a line at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding=encoding) as fh:
+        fh.write(text)
+    return path
 
 
 def atomic_save_npy(path, array) -> Path:

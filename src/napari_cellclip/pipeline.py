@@ -161,6 +161,8 @@ def open_job(out: Path, meta: dict, fields: pd.DataFrame, *, rank: int, resume: 
     Returns the job's ``job.json`` (with ``plate_ranges``, computed once by rank 0 when the job is
     created); an ``out`` holding another job or a store needs ``resume`` / ``overwrite``.
     """
+    from .store import has_store_files, jsonable, parquet_safe, remove_store
+
     jf = out / _JOB_FILE
     if rank != 0:
         wait(lambda: jf.is_file(), f"rank 0 to create {jf}")
@@ -170,28 +172,19 @@ def open_job(out: Path, meta: dict, fields: pd.DataFrame, *, rank: int, resume: 
         return stored
     if jf.is_file():
         _existing_job(out, json.loads(jf.read_text()), meta, resume=resume, overwrite=overwrite)
-    elif out.exists() and any(out.iterdir()) and not overwrite and _has_store(out):
+    elif not overwrite and not (out / "shards").exists() and has_store_files(out):
         raise CellClipError(f"{out} already holds an embedding store; use another --output or --overwrite")
-    from .store import remove_store
 
     out.mkdir(parents=True, exist_ok=True)
     (out / _FEAT_DIR).mkdir(parents=True, exist_ok=True)
     (out / _EMB_DIR).mkdir(parents=True, exist_ok=True)
     if not jf.is_file():
-        from .store import parquet_safe
-
         with atomic_file(out / _JOB_FIELDS) as tmp:
             parquet_safe(fields).to_parquet(tmp, index=False)
         meta["plate_ranges"] = {p: np.asarray(r).tolist() for p, r in plate_ranges().items()}
-        atomic_write_text(jf, json.dumps(_jsonable(meta), indent=1))
+        atomic_write_text(jf, json.dumps(jsonable(meta), indent=1))
     remove_store(out)  # the store is complete only after the merge
     return json.loads(jf.read_text())
-
-
-def _has_store(out: Path) -> bool:
-    from .store import EmbeddingStore
-
-    return EmbeddingStore.exists(out) or (out / "embeddings.npy").exists()
 
 
 def _existing_job(out: Path, old: dict, meta: dict, *, resume: bool, overwrite: bool) -> None:
@@ -211,12 +204,6 @@ def _existing_job(out: Path, old: dict, meta: dict, *, resume: bool, overwrite: 
     elif old.get("fingerprint") != meta["fingerprint"]:
         raise CellClipError(f"{out} holds a job for different inputs (fields, files, checkpoint, encoder or shard "
                             "size changed); use another --output or --overwrite")
-
-
-def _jsonable(obj):
-    from .store import _jsonable as jsonable
-
-    return jsonable(obj)
 
 
 # ------------------------------------------------------------------ stage: features
@@ -328,7 +315,7 @@ def stage_embeddings(job: Job, model, spec, *, batch_size: int) -> None:
 def stage_merge(job: Job, model_id: str, e_dim: int, info: dict, *, ann: str) -> None:
     """Rank 0: stream every plate's embeddings into the store in ``out`` (+ wells, + ANN index)."""
     from . import ann as ann_mod
-    from .store import StoreWriter
+    from .store import EmbeddingStore, StoreWriter
 
     t3, out, units = time.perf_counter(), job.out, job.plan.units
     job.wait(lambda: all(_done(out, "embeddings", u) for u in range(len(units))), "all plates' embeddings")
@@ -350,8 +337,7 @@ def stage_merge(job: Job, model_id: str, e_dim: int, info: dict, *, ann: str) ->
     t_ann = 0.0
     if ann == "always" or (ann == "auto" and total >= ann_mod.ANN_THRESHOLD):
         ta = time.perf_counter()
-        ann_mod.build_index(np.load(out / "embeddings.npy", mmap_mode="r", allow_pickle=False),
-                            use_gpu=False).save(out)
+        ann_mod.build_index(EmbeddingStore.load(out, mmap=True).embeddings, use_gpu=False).save(out)
         t_ann = time.perf_counter() - ta
         job.log(f"ANN index built in {t_ann:.1f} s")
     job.stats.update(n_embedded=int(total), n_skipped=len(skipped), seconds_merge=time.perf_counter() - t3,

@@ -42,6 +42,9 @@ __all__ = [
     "EmbeddingStore",
     "StoreError",
     "StoreWriter",
+    "has_store_files",
+    "jsonable",
+    "parquet_safe",
     "remove_store",
     "well_groups",
     "cache_key",
@@ -363,7 +366,7 @@ class StoreWriter:
         if wells is not None:
             wells.save(self.folder / _WELLS_DIR)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "level": self.level,
-                "n": self.n, "dim": self.dim, "info": _jsonable(dict(self.info, **(info or {})))}
+                "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {})))}
         atomic_write_text(self.folder / _META_FILE, json.dumps(meta, indent=2))
 
     def __enter__(self) -> StoreWriter:
@@ -375,6 +378,11 @@ class StoreWriter:
             discard(self._tmp)
             self._tmp = None
         return False
+
+
+def has_store_files(folder) -> bool:
+    """Whether ``folder`` holds a store, complete or not (its ``store.json`` or its embeddings)."""
+    return any((Path(folder) / name).exists() for name in (_META_FILE, _EMB_FILE))
 
 
 def remove_store(folder) -> None:
@@ -451,12 +459,12 @@ def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Best-effort conversion of numpy scalars/arrays/paths inside ``obj`` for json.dumps."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
