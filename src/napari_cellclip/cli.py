@@ -24,8 +24,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (text is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings
-                or action.default in (None, False, [], argparse.SUPPRESS) or action.nargs == 0):
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if text is argparse.SUPPRESS or "default" in text.lower() or not action.option_strings or nothing \
+                or action.nargs == 0:
             return text
         return f"{text} (default: %(default)s)"
 
