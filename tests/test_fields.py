@@ -77,9 +77,12 @@ def test_bad_inputs_name_the_problem(tmp_path):
         read_fields([read_fields(sample_plate_dir()), four])
 
 
-def test_canonical_stain_order():
+def test_stain_order_kept_and_canonical_for_training():
+    from training.data import read_training_fields
+
     f = read_fields(sample_plate_dir())
     cols = [c for c in f.columns if not c.startswith(("FileName_", "PathName_"))]
     shuffled = f[cols + [c for s in ("Mito", "DNA", "AGP", "ER", "RNA")
                          for c in (f"FileName_Orig{s}", f"PathName_Orig{s}")]]
-    pd.testing.assert_frame_equal(read_fields(shuffled), f)
+    pd.testing.assert_frame_equal(read_fields(shuffled), shuffled)  # the plate's channel order
+    pd.testing.assert_frame_equal(read_training_fields(shuffled), f)  # a new model's order

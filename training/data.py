@@ -62,16 +62,23 @@ DEFAULT_CELL_LINE = "A549"
 
 def read_training_fields(data=None, *, platemap=None, barcode_platemap=None, annotations=None,
                          channel_map=None, cell_line=None):
-    """:func:`napari_cellclip.fields.read_fields` of ``data``; no ``data``: the bundled LINCS sample."""
+    """:func:`napari_cellclip.fields.read_fields` of ``data`` (no ``data``: the bundled LINCS sample),
+    the Cell Painting stains in their canonical order (DNA, ER, RNA, AGP, Mito), as a new model
+    records them."""
     from napari_cellclip.fields import read_fields
+    from napari_cellclip.plates import DEFAULT_STAINS, reorder_stains, stains
 
-    if not data:
+    if data is None or (isinstance(data, (list, tuple)) and not data):
         from napari_cellclip.sample import sample_plate_dir, sample_platemap_dir
 
         data, platemap = [sample_plate_dir()], platemap or sample_platemap_dir()
         cell_line = cell_line or DEFAULT_CELL_LINE
-    return read_fields(data, platemap=platemap, barcode_platemap=barcode_platemap, annotations=annotations,
-                       channel_map=channel_map, cell_line=cell_line)
+    fields = read_fields(data, platemap=platemap, barcode_platemap=barcode_platemap, annotations=annotations,
+                         channel_map=channel_map, cell_line=cell_line)
+    have = stains(fields)
+    if set(have) == set(DEFAULT_STAINS) and list(have) != list(DEFAULT_STAINS):
+        fields = reorder_stains(fields, DEFAULT_STAINS)
+    return fields
 
 
 @dataclass

@@ -1,17 +1,34 @@
-"""napari reader: a Cell Painting plate folder, a LoadData CSV, or a field's channel files.
+"""napari reader: a Cell Painting plate (any layout :func:`napari_cellclip.plates.read_plate`
+reads: a folder, an OME-Zarr plate, an OME-TIFF, a LoadData CSV) or a field's channel files.
 
 A plate opens as one image layer per stain (napari's ``channel_axis``), each a lazy
 dask array of shape ``(n_fields, H, W)`` with the fields on the first axis (a slider
-over fields): only the field on screen is decoded, one ``dask.delayed`` image
-read per (field, stain).  Layers are named by stain, blended additively, coloured
-the Cell Painting way and given contrast limits from robust percentiles of the
-first readable field.  The fields table (``Metadata_*`` columns + image paths,
-annotated with the platemap when one is found) goes into
-``layer.metadata["cellclip_fields"]``, which is how the widgets know which plate
-is open.
+over fields): only the field on screen is decoded, one image read per (field, stain)
+and one dask chunk each (the graph is a single blockwise layer, so a plate of
+thousands of fields opens as fast as a small one).  OME-Zarr plates and pyramidal
+OME-TIFFs give a *multiscale* layer: napari reads the pyramid level it displays.
+Layers are named by stain, blended additively, coloured the Cell Painting way and
+given contrast limits from robust percentiles of the first readable field.  The
+fields table (``Metadata_*`` columns + image paths, annotated with the platemap when
+one is found) goes into ``layer.metadata["cellclip_fields"]``, which is how the
+widgets know which plate is open.
+
+Stain names: a ``channels.json`` / ``channels.txt`` beside the plate is used as its
+channel map (see :func:`napari_cellclip.plates.read_plate`); :func:`read_fields` takes
+a ``channel_map`` for a widget that re-reads a plate with one, and
+:func:`napari_cellclip.plates.rename_stains` relabels a table already read.
 
 ``get_reader`` returns ``None`` for anything it cannot read and never raises, as
-napari expects from a reader plugin.
+napari expects from a reader plugin.  Declining is cheap: a file is judged by its
+name, a folder by a bounded look at its first entries (:func:`napari_cellclip.plates.sniff`);
+no tree is read unless it holds a plate.
+
+napari shows a "choose reader" dialog for a *folder* whenever two installed plugins
+accept folders (napari's own reader does), whatever the plugins declare (npe2 matches
+``filename_patterns`` against files only).  ``napari --plugin napari-cellclip <plate>``
+skips it, and so does a preference: napari ▸ Preferences ▸ Plugins ▸ file extension
+readers, e.g. ``*.zarr/`` or ``*/Images/`` → napari-cellclip (the dialog's "remember"
+box saves one for the exact folder).
 """
 
 from __future__ import annotations
@@ -42,7 +59,6 @@ STAIN_COLORMAPS = {
     "Mito": "magenta",
 }
 _FALLBACK_COLORMAPS = ("cyan", "gray", "bop orange", "bop purple", "I Forward")
-_IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 
 
 def stain_colormap(stain: str, i: int = 0) -> str:
@@ -60,15 +76,6 @@ def stain_colormap(stain: str, i: int = 0) -> str:
 
 
 # --------------------------------------------------------------------------- reading
-def _is_loaddata_csv(path: Path) -> bool:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            header = fh.readline()
-    except OSError:
-        return False
-    return "FileName_Orig" in header or "FileName_" in header and "PathName_" in header
-
-
 def _annotate_if_possible(fields, plate_dir: Path | None):
     """Join platemap metadata when the plate is the bundled one or a platemap folder is nearby.
 
@@ -103,44 +110,72 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
         return fields
 
 
-def read_fields(path: str | Path | Sequence[str | Path]):
-    """Fields table for a plate folder, a LoadData CSV, or one or more channel files.
+def read_fields(path: str | Path | Sequence[str | Path], channel_map=None):
+    """Fields table for a plate (folder, OME-Zarr plate, OME-TIFF, LoadData CSV) or channel files.
 
-    Returns ``None`` when ``path`` is not something napari-cellclip reads.  For channel
-    files, the plate around them is read and only the fields those files belong to kept.
+    Returns ``None`` when ``path`` is not something napari-cellclip reads; deciding that
+    reads no tree (:func:`napari_cellclip.plates.sniff`).  For channel files, the plate
+    around them is read and only the fields those files belong to kept; for a well or a
+    field inside an OME-Zarr plate, the plate is read and only that well / field kept.
+    ``channel_map`` (see ``read_plate``) names numbered channels.
     """
-    from .errors import CellClipError
-    from .fields import read_fields as read_table
-
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     if not paths:
         return None
     try:
-        if len(paths) == 1 and paths[0].is_dir():
-            fields = read_table(paths[0])
-            plate_dir = paths[0]
-        elif len(paths) == 1 and paths[0].suffix.lower() == ".csv":
-            if not paths[0].is_file() or not _is_loaddata_csv(paths[0]):
-                return None
-            fields = read_table(paths[0])
-            plate_dir = paths[0].parent
-        elif all(p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file() for p in paths):
-            parents = {p.parent.resolve() for p in paths}
-            if len(parents) != 1:
-                return None
-            plate_dir = parents.pop()
-            fields = read_table(plate_dir)
-            fields = _fields_with_files(fields, paths)
-        else:
-            return None
-    except (CellClipError, OSError, ValueError, KeyError):
+        found = _read_paths(paths, channel_map)
+    except Exception:  # noqa: BLE001 - never raise on foreign or broken files
         return None
-    except Exception:  # noqa: BLE001 - never raise on foreign files
+    if found is None or found[0] is None or len(found[0]) == 0:
         return None
-    if fields is None or len(fields) == 0:
-        return None
+    fields, plate_dir = found
     fields = _annotate_if_possible(fields, plate_dir)
     return fields.reset_index(drop=True)
+
+
+def _read_paths(paths: list[Path], channel_map):
+    """(fields, plate folder) for the paths, or None when they are not ours; plates are read
+    through the fields front door (:func:`napari_cellclip.fields.read_fields`)."""
+    from .fields import read_fields as read_table
+    from .plates import image_kind, sniff
+
+    if len(paths) == 1:
+        p = paths[0]
+        inner = _zarr_plate_of(p)
+        if inner is not None:
+            root, rel = inner
+            return _fields_in(read_table(root, channel_map=channel_map), root, rel), root.parent
+        kind = sniff(p)
+        if kind is None:
+            return None
+        if p.is_dir() or kind in ("load_data", "ome-tiff"):
+            return read_table(p, channel_map=channel_map), (p if p.is_dir() else p.parent)
+    if not all(p.is_file() and image_kind(p) for p in paths):
+        return None
+    parents = {p.parent.resolve() for p in paths}
+    if len(parents) != 1:
+        return None
+    plate_dir = parents.pop()
+    return _fields_with_files(read_table(plate_dir, channel_map=channel_map), paths), plate_dir
+
+
+def _zarr_plate_of(path: Path):
+    """(plate root, relative path) for a well or image folder inside an OME-Zarr plate, else None."""
+    from .formats import ome_zarr
+
+    if not ome_zarr.is_zarr_dir(path) or ome_zarr.is_plate(path):
+        return None
+    for parent in list(path.resolve().parents)[:3]:
+        if ome_zarr.is_plate(parent):
+            return parent, path.resolve().relative_to(parent).as_posix()
+    return None
+
+
+def _fields_in(fields, root: Path, rel: str):
+    """The rows of ``fields`` whose OME-Zarr image is ``rel`` or lies under it (a well)."""
+    col = next(c for c in fields.columns if str(c).startswith("FileName_"))
+    keep = [str(f) == rel or str(f).startswith(rel.rstrip("/") + "/") for f in fields[col]]
+    return fields[keep]
 
 
 def _fields_with_files(fields, paths: Sequence[Path]):
@@ -160,13 +195,16 @@ def _fields_with_files(fields, paths: Sequence[Path]):
 
 
 # ------------------------------------------------------------------------- layer data
-def _load_channel(row: dict, stain: str, shape: tuple, dtype) -> np.ndarray:
-    """Decode one channel image of one field (called lazily by dask)."""
+def _load_channel(row: dict, stain: str, shape: tuple, dtype, level: int = 0) -> np.ndarray:
+    """Decode one channel image of one field at pyramid ``level`` (called lazily by dask)."""
     from .errors import CellClipError, CellClipWarning
-    from .images import load_field
+    from .images import channel_frame, channel_path, load_field, read_image
 
     try:
-        img = load_field(row, [stain])[0]
+        if level == 0:
+            img = load_field(row, [stain])[0]
+        else:
+            img = read_image(channel_path(row, stain), frame=channel_frame(row, stain), level=level)
     except CellClipError as exc:
         warnings.warn(f"field {row.get('Metadata_Well')} site {row.get('Metadata_Site')}: {exc}",
                       CellClipWarning, stacklevel=2)
@@ -186,9 +224,6 @@ def fields_layer_data(fields, source: str = "", *, name_prefix: str = "") -> lis
 
     Raises :class:`~napari_cellclip.errors.CellClipError` when no field can be read.
     """
-    import dask
-    import dask.array as da
-
     from .errors import ImageReadError
     from .images import contrast_limits, load_field
     from .plates import stains as plate_stains
@@ -208,14 +243,9 @@ def fields_layer_data(fields, source: str = "", *, name_prefix: str = "") -> lis
     _, h, w = first.shape
     dtype = first.dtype
     rows = [_row_dict(r) for _, r in fields.iterrows()]
-    per_field = []
-    for row in rows:
-        chans = [
-            da.from_delayed(dask.delayed(_load_channel, pure=True)(row, s, (h, w), dtype), shape=(h, w), dtype=dtype)
-            for s in stains
-        ]
-        per_field.append(da.stack(chans))
-    data = da.stack(per_field)  # (n_fields, C, H, W), chunks = one channel image
+    shapes = _level_shapes(fields.iloc[i], stains[0], (h, w))
+    levels = [_lazy_fields(rows, stains, shape, dtype, lv) for lv, shape in enumerate(shapes)]
+    data = levels if len(levels) > 1 else levels[0]
     limits = [contrast_limits(first[c]) for c in range(len(stains))]
     dtype_max = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else None
     if dtype_max is not None:
@@ -223,6 +253,7 @@ def fields_layer_data(fields, source: str = "", *, name_prefix: str = "") -> lis
     metadata = {FIELDS_KEY: fields, SOURCE_KEY: str(source)}
     kwargs: dict[str, Any] = {
         "channel_axis": 1,
+        "multiscale": len(levels) > 1,
         "name": [f"{name_prefix}{s}" for s in stains],
         "colormap": [stain_colormap(s, i) for i, s in enumerate(stains)],
         "blending": "additive",
@@ -231,6 +262,33 @@ def fields_layer_data(fields, source: str = "", *, name_prefix: str = "") -> lis
         "axis_labels": ("field", "y", "x"),
     }
     return [(data, kwargs, "image")]
+
+
+def _level_shapes(row, stain: str, full: tuple) -> list[tuple]:
+    """(H, W) per pyramid level of a field's images; ``[full]`` for single-resolution files."""
+    from .errors import CellClipError
+    from .images import channel_path, pyramid_shapes
+
+    try:
+        shapes = pyramid_shapes(channel_path(row, stain))
+    except CellClipError:
+        return [full]
+    return shapes if shapes and tuple(shapes[0]) == tuple(full) else [full]
+
+
+def _lazy_fields(rows: list, stains: list, shape: tuple, dtype, level: int):
+    """(n_fields, C, H, W) dask array; one chunk (one decode) per field and stain."""
+    import uuid
+
+    import dask.array as da
+
+    def block(block_info=None):
+        i, j = block_info[None]["chunk-location"][:2]
+        return _load_channel(rows[i], stains[j], shape, dtype, level)[None, None]
+
+    chunks = ((1,) * len(rows), (1,) * len(stains), (shape[0],), (shape[1],))
+    return da.map_blocks(block, dtype=dtype, chunks=chunks, meta=np.empty((0, 0, 0, 0), dtype),
+                         name=f"cellclip-fields-{uuid.uuid4().hex}")
 
 
 def _row_dict(row) -> dict:

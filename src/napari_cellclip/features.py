@@ -19,8 +19,9 @@ Cache layout (``default_cache_dir()`` unless ``cache_dir`` is given)::
 
 ``key`` is a blake2b digest of: the encoder identity, the normalisation
 parameters (the percentiles, or under plate normalisation the plate's fixed
-per-channel range itself), and, per channel in order, the stain name, the blake2b digest of the
-channel file's raw bytes and the frame index (multi-channel TIFF) — so a cached
+per-channel range itself), and, per channel in order, the stain name, the content digest of
+the channel's data (:func:`images.channel_digest`: a file's raw bytes, or an OME-Zarr field's
+metadata and array chunks) and the frame index (channel in a multi-channel file) — so a cached
 field is never decoded, and a changed file, stain order, frame, normalisation or
 encoder gives a new key.  A plate's range is keyed by the digests of the fields it is sampled
 from.  Entries are written atomically (:mod:`napari_cellclip._fsutil`), so a cancelled or
@@ -39,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._fsutil import atomic_save_npy, atomic_write_text, file_digest
+from ._fsutil import atomic_save_npy, atomic_write_text
 from .errors import Cancelled, CellClipError, CellClipWarning, ImageReadError
 from .images import NORM_HIGH, NORM_LOW
 
@@ -101,20 +102,14 @@ def clear_cache(cache_dir=None) -> None:
 
 
 # -- keys --------------------------------------------------------------------
-def _file_digest(path: Path) -> str:
-    """Content digest of an image file; an unreadable file is an ImageReadError naming it."""
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        raise ImageReadError(path, f"file not found or not readable ({exc.strerror or exc})") from None
-
-
 def _hash_channels(h, row, stains: Sequence[str]) -> None:
-    from .images import channel_frame, channel_path
+    """Each channel's stain, content digest (:func:`images.channel_digest`: a file's bytes, or an
+    OME-Zarr field's metadata and chunks) and frame; an unreadable one is an ImageReadError naming it."""
+    from .images import channel_digest, channel_frame
 
     for stain in stains:
         frame = channel_frame(row, stain)
-        h.update(f"{stain}\0{_file_digest(channel_path(row, stain))}\0{'' if frame is None else frame}\0".encode())
+        h.update(f"{stain}\0{channel_digest(row, stain)}\0{'' if frame is None else frame}\0".encode())
 
 
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,

@@ -44,9 +44,9 @@ def read_fields(data, *, platemap=None, barcode_platemap=None, annotations=None,
     cell_line : str, optional
         Cell line named in the prompts (``"A549 cells treated with ..."``).
 
-    A stain set equal to the Cell Painting one is put in its canonical order (DNA, ER, RNA,
-    AGP, Mito).  The same (plate, well, site) twice, an empty table, or a path that does not
-    exist raise :class:`~napari_cellclip.errors.PlateError`.
+    Stains keep the plate's channel order (a model reorders them to its own).  The same
+    (plate, well, site) twice, an empty table, or a path that does not exist raise
+    :class:`~napari_cellclip.errors.PlateError`.
     """
     fields = _read_any(data, channel_map, top=True)
     if platemap is not None or barcode_platemap is not None or annotations is not None:
@@ -58,7 +58,7 @@ def read_fields(data, *, platemap=None, barcode_platemap=None, annotations=None,
     if len(fields) == 0:
         raise PlateError("the fields table is empty: nothing to read")
     _check_unique(fields)
-    return _canonical_stain_order(fields).reset_index(drop=True)
+    return fields.reset_index(drop=True)
 
 
 def _read_any(data, channel_map, *, top: bool = False) -> pd.DataFrame:
@@ -132,11 +132,3 @@ def _check_unique(fields: pd.DataFrame) -> None:
         raise PlateError(f"{int(dup.sum())} field(s) appear more than once (same plate, well and site), "
                          f"e.g. plate {plate} well {well} site {site}: is a plate given twice?")
 
-
-def _canonical_stain_order(fields: pd.DataFrame) -> pd.DataFrame:
-    from .plates import DEFAULT_STAINS, reorder_stains, stains
-
-    have = stains(fields)
-    if set(have) == set(DEFAULT_STAINS) and list(have) != list(DEFAULT_STAINS):
-        return reorder_stains(fields, DEFAULT_STAINS)
-    return fields
