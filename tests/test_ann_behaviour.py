@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-faiss = pytest.importorskip("faiss")
-
 from napari_cellclip import ann, search
 from napari_cellclip.store import EmbeddingStore
+
+faiss = pytest.importorskip("faiss")
 
 
 def _unit(x):

@@ -15,12 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_cellclip.model import (
-    CellCLIP,
-    CellCLIPConfig,
-    MILPooling,
-    _infer_bert_config,
-)
+from napari_cellclip.checkpoints import _infer_bert_config
+from napari_cellclip.model import CellCLIP, CellCLIPConfig, MILPooling
 
 C, D = 5, 32
 

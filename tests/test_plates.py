@@ -56,7 +56,7 @@ def test_csv_path_directly_and_roundtrip(tmp_path):
 def test_shared_lincs_plates(shared_lincs):
     df = read_plate(shared_lincs / "images")
     assert stains(df) == list(DEFAULT_STAINS)
-    for plate, sub in df.groupby("Metadata_Plate"):
+    for _plate, sub in df.groupby("Metadata_Plate"):
         assert sub["Metadata_Well"].nunique() == 4
         assert sub.groupby("Metadata_Well").size().tolist() == [9, 9, 9, 9]
     assert sorted(df["Metadata_Plate"].unique()) == ["SQ00015198", "SQ00015230", "SQ00015231"]

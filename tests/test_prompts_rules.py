@@ -149,7 +149,8 @@ def test_build_prompt_control_flags():
 
 
 def test_build_prompt_passes_the_templates_on():
-    t = PromptTemplates(compound="{cell} + {name}", crispr="{cell} crispr {gene}", crispr_no_sequence="{cell} ko {gene}",
+    t = PromptTemplates(compound="{cell} + {name}", crispr="{cell} crispr {gene}",
+                        crispr_no_sequence="{cell} ko {gene}",
                         orf="{cell} orf {gene}", genetic_control="{cell} nothing")
     assert build_prompt({"pert_iname": "x", "cell_line": "A"}, t) == "A + x"
     assert build_prompt({"pert_type": "crispr", "gene": "G", "cell_line": "A"}, t) == "A ko G"

@@ -84,7 +84,8 @@ def test_clicking_a_result_shows_that_field_and_the_caption_names_it(embedded, q
     fields = viewer.layers["DNA"].metadata["cellclip_fields"]
     step = viewer.dims.current_step[0]
     shown = fields.iloc[step]
-    assert (shown["Metadata_Well"], int(shown["Metadata_Site"])) == (target["Metadata_Well"], int(target["Metadata_Site"]))
+    assert (shown["Metadata_Well"], int(shown["Metadata_Site"])) == \
+        (target["Metadata_Well"], int(target["Metadata_Site"]))
     assert w.state.selection == (int(target["store_row"]),)
     # the canvas says which field it shows, and follows the slider
     overlay = _display.text_overlay(viewer)
@@ -142,7 +143,7 @@ def test_zero_shot_best_prompt_per_well(embedded, qtbot, notes, wait_job):
     assert w.table.horizontalHeaderItem(2).text() == "best prompt"
     # typed candidates only
     w.plate_prompts_check.setChecked(False)
-    w.prompts_edit.setPlainText("A549 cells treated with compound: lonafarnib\nA549 cells treated with compound: orantinib\n")
+    w.prompts_edit.setPlainText(f"{LONAFARNIB}\nA549 cells treated with compound: orantinib\n")
     wait_job(w.run_zero_shot())
     assert set(w.state.results["best_prompt"]) <= {LONAFARNIB, "A549 cells treated with compound: orantinib"}
     assert not notes["error"]
@@ -353,7 +354,8 @@ def test_hit_gallery_shows_the_top_hits_side_by_side(make_search, qtbot, notes, 
     assert row == res["store_row"].iloc[i]
     fields = viewer.layers["DNA"].metadata["cellclip_fields"]
     shown = fields.iloc[viewer.dims.current_step[0]]
-    assert (shown["Metadata_Well"], shown["Metadata_Site"]) == (res["Metadata_Well"].iloc[i], res["Metadata_Site"].iloc[i])
+    assert (shown["Metadata_Well"], shown["Metadata_Site"]) == \
+        (res["Metadata_Well"].iloc[i], res["Metadata_Site"].iloc[i])
     assert w.state.selection == (row,)
     # one stain at a time: the plate and the gallery show that stain in grey
     before = image.data.copy()
@@ -436,3 +438,63 @@ def test_gui_stays_responsive_while_embedding_with_the_cores_busy(make_search, q
     print(f"embedding + text query under load: {loop_gaps.summary()}")
     assert len(loop_gaps.ticks) > 50
     assert loop_gaps.max_ms <= 100, loop_gaps.summary()
+# ---------------------------------------------------------------------- one road: the widget vs evaluate
+def test_zero_shot_ranks_wells_like_evaluate(embedded, qtbot, notes, wait_job, trained_checkpoint,
+                                             cellclip_cache_dir, sample_plate_path):
+    """Defect: "Score wells" averaged field embeddings while `python -m training evaluate` pools a
+    well's fields through the model.  Same checkpoint, same plate → the same well ranking."""
+    from napari_cellclip.sample import sample_platemap_dir
+    from training.loop import evaluate
+
+    viewer, w = embedded
+    store = w.state.store
+    assert store.has_model_wells
+    wait_job(w.run_zero_shot())
+    zs = w.state.results.set_index(["Metadata_Plate", "Metadata_Well"])
+    rep = evaluate(trained_checkpoint.parent, [sample_plate_path], platemap=sample_platemap_dir(),
+                   cache_dir=str(cellclip_cache_dir), quiet=True, no_progress=True)  # the run folder fit printed
+    per_well = rep["well"]["per_well"]
+    assert len(per_well) == len(zs) == 4
+    for r in per_well:
+        z = zs.loc[(r["plate"], r["well"])]
+        assert z["best_prompt"] == r["best_prompt"] and int(z["true_prompt_rank"]) == r["rank"], r
+        assert float(z["best_score"]) == pytest.approx(r["best_score"], abs=1e-5)
+    assert float(zs["correct"].astype(bool).mean()) == rep["well"]["image_to_text"]["R@1"]
+    # the wells are the model's pooling of each well's fields, not their mean
+    feats = store.well_level().embeddings
+    mean = store.embeddings.reshape(4, 3, -1).mean(1)  # the sample: 4 wells x 3 sites, in well order
+    assert not np.allclose(feats, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-3)
+    assert not notes["error"], notes["error"]
+
+
+def test_widget_shows_the_checkpoints_prompt_form(embedded):
+    viewer, w = embedded
+    assert "A549 cells treated with compound: <name>" in w.query_edit.placeholderText()
+    assert "A549 cells treated with compound" in w.prompts_edit.placeholderText()
+
+
+def test_plate_without_cell_line_gets_the_checkpoints(make_search, qtbot, notes, wait_job, tmp_path,
+                                                      sample_plate_path):
+    """Defect: a plate opened in napari (no cell line) got "Cells treated with …" prompts although the
+    checkpoint learned "A549 cells treated with …"; a plate naming another cell line is warned about."""
+    from napari_cellclip.sample import sample_platemap_dir
+
+    root = tmp_path / "screen"
+    shutil.copytree(sample_plate_path, root / "images" / sample_plate_path.name)
+    shutil.copytree(sample_platemap_dir(), root / "platemap")  # found next to the plate by the reader
+    viewer, w = make_search(plate=root / "images" / sample_plate_path.name)
+    assert w.state.fields["Metadata_prompt"].iloc[0].startswith("Cells treated with")
+    wait_job(w.embed_plate())
+    prompts = set(w.state.store.fields["Metadata_prompt"])
+    assert LONAFARNIB in prompts and all(p.startswith("A549 cells") for p in prompts)
+    assert not notes["warning"], notes["warning"]
+    wait_job(w.run_zero_shot())
+    assert w.state.results.set_index("Metadata_Well").loc["P13", "best_prompt"] == LONAFARNIB
+
+    other = w.state.fields.copy()
+    other["Metadata_cell_line"] = "U2OS"
+    other["Metadata_prompt"] = other["Metadata_prompt"].str.replace("Cells treated", "U2OS cells treated")
+    w.state.fields = other
+    wait_job(w.embed_plate())
+    assert any("U2OS" in m and "A549" in m for m in notes["warning"]), notes["warning"]
+    assert all(p.startswith("U2OS cells") for p in w.state.store.fields["Metadata_prompt"])  # kept as it is

@@ -27,7 +27,14 @@ DEFAULT_CHECKPOINT = Path("checkpoints") / "cellclip-lincs-sample"
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "model" / "config.json").is_file()
+    from .checkpoints import resolve_checkpoint
+    from .errors import CheckpointError
+
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def ensure_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:

@@ -146,9 +146,9 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
     if platemap is None:
         return fields
     try:
-        from .metadata import annotate
+        from .fields import read_fields
 
-        return annotate(fields, platemap_dir=platemap, **kwargs)
+        return read_fields(fields, platemap=platemap, **kwargs)
     except Exception as exc:  # noqa: BLE001
         warnings.warn(f"platemap metadata from {platemap} not joined: {exc}", CellClipWarning, stacklevel=2)
         return fields
@@ -178,27 +178,29 @@ def read_fields(path: str | Path | Sequence[str | Path], channel_map=None):
 
 
 def _read_paths(paths: list[Path], channel_map):
-    """(fields, plate folder) for the paths, or None when they are not ours."""
-    from .plates import image_kind, read_plate, sniff
+    """(fields, plate folder) for the paths, or None when they are not ours; plates are read
+    through the fields front door (:func:`napari_cellclip.fields.read_fields`)."""
+    from .fields import read_fields as read_table
+    from .plates import image_kind, sniff
 
     if len(paths) == 1:
         p = paths[0]
         inner = _zarr_plate_of(p)
         if inner is not None:
             root, rel = inner
-            return _fields_in(read_plate(root, channel_map=channel_map), root, rel), root.parent
+            return _fields_in(read_table(root, channel_map=channel_map), root, rel), root.parent
         kind = sniff(p)
         if kind is None:
             return None
         if p.is_dir() or kind in ("load_data", "ome-tiff"):
-            return read_plate(p, channel_map=channel_map), (p if p.is_dir() else p.parent)
+            return read_table(p, channel_map=channel_map), (p if p.is_dir() else p.parent)
     if not all(p.is_file() and image_kind(p) for p in paths):
         return None
     parents = {p.parent.resolve() for p in paths}
     if len(parents) != 1:
         return None
     plate_dir = parents.pop()
-    return _fields_with_files(read_plate(plate_dir, channel_map=channel_map), paths), plate_dir
+    return _fields_with_files(read_table(plate_dir, channel_map=channel_map), paths), plate_dir
 
 
 def _zarr_plate_of(path: Path):

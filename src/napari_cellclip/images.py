@@ -229,19 +229,50 @@ def load_field(row, stains: Sequence[str] | None = None) -> np.ndarray:
     return np.stack(planes).astype(dtype, copy=False)
 
 
-def normalize(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> np.ndarray:
+#: the percentiles a channel's intensity range is taken between
+NORM_LOW = 1.0
+NORM_HIGH = 99.9
+
+
+def fast_percentiles(plane: np.ndarray, low: float = NORM_LOW, high: float = NORM_HIGH
+                     ) -> tuple[np.float32, np.float32]:
+    """``np.percentile(plane.astype(float32), [low, high])`` cast to float32, bit-identical, from a
+    histogram for uint8/uint16 planes (≈8× faster); ``np.percentile`` for other pixel types."""
+    a = np.asarray(plane)
+    n = a.size
+    if a.dtype in (np.uint8, np.uint16) and n > 0:
+        cum = np.cumsum(np.bincount(a.ravel(), minlength=1))
+        out = []
+        for q in (low, high):
+            v = (q / 100.0) * (n - 1)
+            i = int(math.floor(v))
+            g = v - i
+            lo = float(np.searchsorted(cum, i, side="right"))
+            hi = float(np.searchsorted(cum, min(i + 1, n - 1), side="right"))
+            d = hi - lo  # numpy's _lerp, in float64, then cast
+            out.append(np.float32(lo + d * g if g < 0.5 else hi - d * (1.0 - g)))
+        return out[0], out[1]
+    lo, hi = np.percentile(a.astype(np.float32, copy=False).reshape(1, -1), [low, high], axis=1)
+    return np.float32(lo[0]), np.float32(hi[0])
+
+
+def channel_ranges(img: np.ndarray, low: float = NORM_LOW, high: float = NORM_HIGH) -> np.ndarray:
+    """(C, 2) float32 ``(lo, hi)``: each channel's own ``low``/``high`` percentiles (:func:`fast_percentiles`)."""
+    return np.array([fast_percentiles(plane, low, high) for plane in np.asarray(img)], dtype=np.float32)
+
+
+def normalize(img: np.ndarray, low: float = NORM_LOW, high: float = NORM_HIGH) -> np.ndarray:
     """Robust per-channel rescale to [0, 1] (float32).
 
     Each channel (the leading axis of a (C, H, W) array, or a single (H, W)
     image) is mapped so its ``low``-th percentile goes to 0 and its
     ``high``-th to 1, then clipped.  A flat channel becomes all zeros.
     """
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img)
     single = arr.ndim == 2
     if single:
         arr = arr[None]
-    flat = arr.reshape(arr.shape[0], -1)
-    out = normalize_range(arr, np.percentile(flat, [low, high], axis=1).astype(np.float32).T)
+    out = normalize_range(arr, channel_ranges(arr, low, high))
     return out[0] if single else out
 
 
@@ -270,13 +301,14 @@ def check_normalization(normalization: str) -> str:
 
 
 def normalize_range(img: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """Rescale each channel of ``img`` (C, H, W) with fixed ``ranges`` (C, 2) = (lo, hi) to [0, 1]."""
-    arr = np.asarray(img, dtype=np.float32)
+    """Rescale each channel of ``img`` (C, H, W) with fixed ``ranges`` (C, 2) = (lo, hi) to [0, 1]
+    (float32, a new array; a channel with ``hi <= lo`` becomes zeros)."""
+    out = np.array(img, dtype=np.float32, copy=True)
     lo, hi = np.asarray(ranges, dtype=np.float32).T
     scale = hi - lo
     flat_ch = scale <= 0
-    scale = np.where(flat_ch, np.float32(1.0), scale)
-    out = (arr - lo[:, None, None]) / scale[:, None, None]
+    out -= lo[:, None, None]
+    out /= np.where(flat_ch, np.float32(1.0), scale)[:, None, None]
     out[flat_ch] = 0.0
     np.clip(out, 0.0, 1.0, out=out)
     return out
@@ -296,7 +328,7 @@ def plate_samples(fields, max_fields: int = PLATE_SAMPLE_FIELDS) -> dict:
     return out
 
 
-def sample_range(fields, rows, stains: Sequence[str], low: float = 1.0, high: float = 99.9,
+def sample_range(fields, rows, stains: Sequence[str], low: float = NORM_LOW, high: float = NORM_HIGH,
                  stride: int = PLATE_SAMPLE_STRIDE):
     """(C, 2) float32 (lo, hi) percentiles over the given rows' pixels, or None if none is readable."""
     stains = list(stains)
@@ -315,7 +347,7 @@ def sample_range(fields, rows, stains: Sequence[str], low: float = 1.0, high: fl
     return np.percentile(pix, [low, high], axis=1).T.astype(np.float32)
 
 
-def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 99.9,
+def plate_ranges(fields, stains: Sequence[str], low: float = NORM_LOW, high: float = NORM_HIGH,
                  max_fields: int = PLATE_SAMPLE_FIELDS, stride: int = PLATE_SAMPLE_STRIDE) -> dict:
     """Per plate, per channel intensity range: ``{plate: (C, 2) float32 array of (lo, hi)}``.
 
@@ -334,8 +366,8 @@ def plate_ranges(fields, stains: Sequence[str], low: float = 1.0, high: float = 
     return out
 
 
-def field_ranges(fields, stains: Sequence[str], normalization: str = "field", low: float = 1.0,
-                 high: float = 99.9, ranges: dict | None = None) -> list:
+def field_ranges(fields, stains: Sequence[str], normalization: str = "field", low: float = NORM_LOW,
+                 high: float = NORM_HIGH, ranges: dict | None = None) -> list:
     """Per row of ``fields``: its (C, 2) intensity range, or None for per-field percentiles.
 
     ``ranges``: precomputed ``{plate: range}`` (e.g. from a cache); default :func:`plate_ranges`.
@@ -349,7 +381,8 @@ def field_ranges(fields, stains: Sequence[str], normalization: str = "field", lo
     return [ranges.get(p) for p in plate_keys(fields)]
 
 
-def load_field_normalized(row, stains: Sequence[str] | None = None, low: float = 1.0, high: float = 99.9) -> np.ndarray:
+def load_field_normalized(row, stains: Sequence[str] | None = None, low: float = NORM_LOW,
+                          high: float = NORM_HIGH) -> np.ndarray:
     """:func:`load_field` followed by :func:`normalize`: float32 (C, H, W) in [0, 1]."""
     return normalize(load_field(row, stains), low=low, high=high)
 

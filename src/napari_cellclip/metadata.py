@@ -537,6 +537,41 @@ def _with_columns(fields: pd.DataFrame, cols: dict, cell_line) -> pd.DataFrame:
     return out[meta + rest]
 
 
+def with_cell_line(fields: pd.DataFrame, cell_line: str | None,
+                   templates: PromptTemplates = DEFAULT_TEMPLATES) -> pd.DataFrame:
+    """``fields`` with the prompts that name no cell line rewritten to name ``cell_line``.
+
+    Only prompts :func:`annotate` built from these columns with ``templates`` and no cell
+    line are rewritten (and their ``Metadata_cell_line`` set); a prompt written some other
+    way, one naming a cell line, and rows without a prompt are left as they are.
+    """
+    if "Metadata_prompt" not in fields.columns:
+        return fields
+    out = fields.copy()
+    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if c in out.columns]
+    groups = out.groupby(keys, sort=False, dropna=False).indices if keys else {None: np.arange(len(out))}
+    prompts = out["Metadata_prompt"].astype(object).to_numpy(copy=True)
+    cells = (out["Metadata_cell_line"].astype(object).to_numpy(copy=True) if "Metadata_cell_line" in out.columns
+             else np.full(len(out), "", dtype=object))
+    for rows in groups.values():
+        row = out.iloc[rows[0]].to_dict()
+        old = row.get("Metadata_prompt")
+        if is_missing(old):
+            continue
+        row["Metadata_cell_line"] = None
+        try:
+            if build_prompt(row, templates) != old:
+                continue  # not built from these columns with these templates: keep it
+            row["Metadata_cell_line"] = cell_line
+            prompts[rows] = build_prompt(row, templates)
+            cells[rows] = cell_line if cell_line is not None else ""
+        except MetadataError:
+            continue
+    out["Metadata_prompt"] = prompts
+    out["Metadata_cell_line"] = cells
+    return out
+
+
 def prompts_for_table(table: pd.DataFrame, *, modality: str | None = None, cell_line: str | None = None,
                       templates: PromptTemplates = DEFAULT_TEMPLATES) -> list[str]:
     """Prompts for every row of an annotation table (e.g. JUMP-Target metadata, or the table

@@ -13,7 +13,6 @@ Imports neither torch nor Qt.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,7 +48,8 @@ def _data_section(fields, training: Mapping) -> list[str]:
         out.append(f"- {len(fields)} fields of view in {len(wells) if wells is not None else '?'} wells "
                    f"on {len(plates)} plate(s): {_listing(plates)}")
         if "Metadata_cell_line" in fields.columns:
-            out.append(f"- Cell line(s): {_listing(sorted(fields['Metadata_cell_line'].dropna().astype(str).unique()))}")
+            lines = sorted(fields['Metadata_cell_line'].dropna().astype(str).unique())
+            out.append(f"- Cell line(s): {_listing(lines)}")
         if "Metadata_pert_iname" in fields.columns and wells is not None:
             per = fields.drop_duplicates(["Metadata_Plate", "Metadata_Well"])["Metadata_pert_iname"]
             counts = per.fillna("(none)").astype(str).value_counts()
@@ -181,11 +181,9 @@ def write_model_card(model_dir, *, summary: Mapping | None = None, fields=None,
     """
     model_dir = Path(model_dir)
     text = render_card(model_dir, summary=summary, fields=fields, report=report)
-    path = model_dir / CARD_FILE
-    tmp = path.with_name(f".{CARD_FILE}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from ._fsutil import atomic_write_text
+
+    return atomic_write_text(model_dir / CARD_FILE, text)
 
 
 def read_model_card(path) -> str | None:

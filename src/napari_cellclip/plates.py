@@ -366,9 +366,11 @@ def _dye_named_columns(df: pd.DataFrame, names: list[str], where: str) -> tuple[
 
 def write_load_data(fields: pd.DataFrame, path) -> Path:
     """Write a fields table as a LoadData CSV (the manifest format for every layout)."""
+    from ._fsutil import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields.to_csv(path, index=False)
+    with atomic_file(path) as tmp:
+        fields.to_csv(tmp, index=False)
     return path
 
 

@@ -98,11 +98,15 @@ class _Child:
 
 def model_info(model, path: str) -> dict:
     """What the GUI needs to know about a loaded checkpoint (it never holds the model itself)."""
+    from ..checkpoints import prompt_context
+
     cfg = model.config
     dev = next(iter(model.parameters())).device
+    ctx = prompt_context(cfg)
     return {"path": str(path), "device": str(dev), "model_id": getattr(model, "_cellclip_id", ""),
             "stains": list(getattr(cfg, "stains", None) or []),
-            "image_encoder": getattr(cfg, "image_encoder", ""), "embed_dim": int(cfg.embed_dim)}
+            "image_encoder": getattr(cfg, "image_encoder", ""), "embed_dim": int(cfg.embed_dim),
+            "prompt_example": ctx.example() if ctx is not None else None}
 
 
 # ----------------------------------------------------------------------- tasks

@@ -109,7 +109,7 @@ def open_fields(viewer, fields, source: str = "") -> list:
     from .._reader import fields_layer_data
 
     new = []
-    for data, kwargs, kind in fields_layer_data(fields, source):
+    for data, kwargs, _kind in fields_layer_data(fields, source):
         added = viewer.add_image(data, **kwargs)
         new.extend(added if isinstance(added, list) else [added])
     return new

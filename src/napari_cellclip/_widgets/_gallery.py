@@ -25,7 +25,8 @@ import numpy as np
 from ._display import plate_layers
 
 __all__ = ["field_thumbnails", "grid_shape", "mosaic", "build_gallery", "display_luts", "composite",
-           "show_gallery", "clear_gallery", "gallery_layers", "open_tile", "redraw", "MAX_TILES", "TILE_PX", "IMAGE_LAYER", "LABELS_LAYER"]
+           "show_gallery", "clear_gallery", "gallery_layers", "open_tile", "redraw",
+           "MAX_TILES", "TILE_PX", "IMAGE_LAYER", "LABELS_LAYER"]
 
 #: at most this many fields in a gallery
 MAX_TILES = 24

@@ -225,7 +225,8 @@ class ScatterView(QGraphicsView):
         if event.button() == Qt.MouseButton.LeftButton:
             item = self.itemAt(event.position().toPoint() if hasattr(event, "position") else event.pos())
             if isinstance(item, _Point):
-                add = bool(event.modifiers() & (Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier))
+                mods = Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier
+                add = bool(event.modifiers() & mods)
                 if add:
                     item.setSelected(not item.isSelected())
                 else:
@@ -296,8 +297,9 @@ def colors_for(values, palette: Sequence[str] = PALETTE) -> tuple[list[str], lis
         cols = [QColor.fromRgbF(*map(float, c[:3])).name() for c in rgba]
         for i in np.flatnonzero(~finite):
             cols[i] = "#777777"
-        return cols, [(f"{lo:.3g}", cols[int(np.nanargmin(np.where(finite, v, np.inf)))] if finite.any() else "#777777"),
-                      (f"{hi:.3g}", cols[int(np.nanargmax(np.where(finite, v, -np.inf)))] if finite.any() else "#777777")]
+        lo_col = cols[int(np.nanargmin(np.where(finite, v, np.inf)))] if finite.any() else "#777777"
+        hi_col = cols[int(np.nanargmax(np.where(finite, v, -np.inf)))] if finite.any() else "#777777"
+        return cols, [(f"{lo:.3g}", lo_col), (f"{hi:.3g}", hi_col)]
     labels = ["" if (x is None or (isinstance(x, float) and np.isnan(x))) else str(x) for x in s.tolist()]
     cats = list(dict.fromkeys(labels))
     cmap = {c: palette[i % len(palette)] for i, c in enumerate(cats)}
@@ -426,7 +428,8 @@ class PerturbationMapWidget(QWidget):
         for c in cols:
             self.color_combo.addItem(_display.column_label(c), c)
             self.color_combo.setItemData(self.color_combo.count() - 1, c, Qt.ItemDataRole.ToolTipRole)
-        pick = cur if cur in cols else ("Metadata_pert_iname" if "Metadata_pert_iname" in cols else (cols[0] if cols else ""))
+        default = "Metadata_pert_iname" if "Metadata_pert_iname" in cols else (cols[0] if cols else "")
+        pick = cur if cur in cols else default
         self.set_color_column(pick)
         self.color_combo.blockSignals(False)
 

@@ -114,24 +114,16 @@ def _fmt(v) -> str:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a ``python -m training fit`` output folder (its ``model/``
-    or, while training, its latest checkpoint)."""
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    latest = p / "checkpoints" / "latest"
-    if latest.is_dir() and (latest / "config.json").is_file():
-        return latest
-    if latest.is_file():  # a pointer file naming the checkpoint
-        try:
-            target = p / "checkpoints" / latest.read_text().strip()
-            if (target / "config.json").is_file():
-                return target
-        except OSError:
-            pass
-    return p  # load_model names what is missing
+    """The checkpoint folder ``path`` means (:func:`napari_cellclip.checkpoints.resolve_checkpoint`:
+    a checkpoint, a run folder, its ``model/``); a folder it refuses is passed on unchanged, so
+    that loading it names what is missing."""
+    from ..checkpoints import resolve_checkpoint as resolve
+    from ..errors import CheckpointError
+
+    try:
+        return resolve(path)
+    except CheckpointError:
+        return Path(path).expanduser()
 
 
 class ProgressPanel(QWidget):
@@ -461,7 +453,8 @@ class SearchWidget(QWidget):
         finally:
             self._updating_table = False
         title = {"text": "Text query", "image": "More like this (phenotype similarity)",
-                 "zero_shot": "Zero-shot (best prompt per well)", "selection": "Selected on the map"}.get(kind, "Results")
+                 "zero_shot": "Zero-shot (best prompt per well)",
+                 "selection": "Selected on the map"}.get(kind, "Results")
         if res is not None:
             q = f": {self.state.query}" if self.state.query and kind != "selection" else ""
             self.results_label.setText(f"{title}{q} — {len(res)} rows")
@@ -615,6 +608,7 @@ class SearchWidget(QWidget):
             self.state.store = store
             if old is not None and old is not store:
                 self._engine.forget(old)
+            self.show_prompt_form(info)
 
         self._busy(True)
         self._job = submit("model", "embed", {"path": key[0], "device": key[1], "fields": fields,
@@ -623,6 +617,16 @@ class SearchWidget(QWidget):
                            on_finished=self._job_finished, on_progress=self.progress.update_progress)
         self.progress.follow(self._job, self._waiting_text(f"Loading the model to embed {len(fields)} fields…"))
         return self._job
+
+    def show_prompt_form(self, info: dict) -> None:
+        """Show, as placeholder text, how the checkpoint's training prompts were written, so that
+        typed queries and candidates match what the model learned (they are used as typed)."""
+        example = info.get("prompt_example")
+        if not example:
+            return
+        self.query_edit.setPlaceholderText(f"e.g. {example}  (Enter runs)")
+        self.query_edit.setToolTip(f"This checkpoint learned prompts like “{example}”")
+        self.prompts_edit.setPlaceholderText(f"Candidate prompts, one per line, e.g. {example}")
 
     def _job_finished(self) -> None:
         job = self._job
