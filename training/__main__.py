@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "differences between wells) or by each field's own; recorded in the checkpoint")
     m.add_argument("--text-encoder", default=D["text_encoder"], help="text encoder id/dir (default: bundled MiniLM)")
     m.add_argument("--text-tuning", default=D["text_tuning"], help="frozen | last:k | full")
-    m.add_argument("--loss", default=D["loss"], choices=["cwcl", "clip", "siglip"])
+    m.add_argument("--loss", default=D["loss"], choices=["cwcl", "clip", "siglip", "cloob"],
+                   help="cloob: Hopfield retrieval + InfoLOOB (Fürst et al. 2022), beta 14.3 as in CellCLIP")
     m.add_argument("--embed-dim", type=int, default=D["embed_dim"])
     m.add_argument("--vision-layers", type=int, default=D["vision_layers"])
     m.add_argument("--vision-heads", type=int, default=D["vision_heads"])

@@ -376,8 +376,10 @@ def fit(**kwargs) -> dict:
     feats_file = None
     if a["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise CellClipError(f"unknown precision {a['precision']!r}; choose auto, fp32, bf16 or fp16")
-    if a["loss"] not in ("cwcl", "clip", "siglip"):
-        raise CellClipError(f"unknown loss {a['loss']!r}; choose cwcl, clip or siglip")
+    from napari_cellclip.losses import LOSSES
+
+    if a["loss"] not in LOSSES:
+        raise CellClipError(f"unknown loss {a['loss']!r}; choose one of {', '.join(LOSSES)}")
     from napari_cellclip.images import check_normalization
 
     a["normalization"] = check_normalization(a["normalization"])
