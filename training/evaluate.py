@@ -151,11 +151,15 @@ def _json_default(o):
 
 def format_report(report: dict) -> str:
     lines = []
-    for lvl in ("field", "well"):
+    for lvl in [lvl for lvl in ("field", "well") if lvl in report]:
         r = report[lvl]
         i2t, t2i = r["image_to_text"], r["text_to_image"]
         lines.append(
             f"{lvl:>5}: image→text R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} mean rank {i2t['mean_rank']:.2f}"
             f" (n={i2t['n_queries']}) | text→image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}"
             f" mean rank {t2i['mean_rank']:.2f} (n={t2i['n_queries']})")
+    if "profiling" in report:
+        from .profiling import format_profiling
+
+        lines.append(format_profiling(report["profiling"]))
     return "\n".join(lines)

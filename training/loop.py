@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -676,34 +677,45 @@ def resolve_checkpoint(path) -> Path:
     raise CheckpointError(f"{p}: not a checkpoint folder (no config.json)")
 
 
-@_hf_bars_follow_quiet
-def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
-             channel_map=None, cell_line="A549", correction="checkpoint", device="auto", cache_dir=None,
-             extract_batch_size=8, num_workers=0, output=None, quiet=False, no_progress=False) -> dict:
-    """Retrieval report of a checkpoint on a data set (features via the checkpoint's encoder)."""
-    import torch
+@dataclasses.dataclass
+class EvaluationData:
+    """What evaluating a checkpoint on plates needs: the model, the plates' corrected frozen
+    features (rows aligned with ``fields``), their well bags and how they were made."""
 
+    model: object
+    checkpoint: Path
+    device: object
+    features: np.ndarray
+    fields: object
+    encoder: object
+    correction: dict | None
+    wells: object
+
+
+def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
+                    channel_map=None, cell_line="A549", correction="checkpoint", device="auto", cache_dir=None,
+                    extract_batch_size=8, num_workers=0, quiet=False, no_progress=False) -> EvaluationData:
+    """Load a checkpoint, read and annotate the plates, extract their features with the checkpoint's
+    encoder and input normalisation, and correct them as the checkpoint does (or as ``correction`` says)."""
     from napari_cellclip import correction as corr
     from napari_cellclip.model import CellCLIP
+    from napari_cellclip.plates import reorder_stains
+    from napari_cellclip.plates import stains as stains_of
 
     from .data import build_well_bags
-    from .evaluate import evaluate_bags, format_report, write_report
 
-    t0 = time.perf_counter()
     ck = resolve_checkpoint(checkpoint)
     dev = resolve_train_device(device, Dist())
     model = CellCLIP.from_pretrained(ck, device=dev)
     fields = load_fields(data, platemap=platemap, barcode_platemap=barcode_platemap,
                          annotations=annotations, channel_map=channel_map, cell_line=cell_line)
     want = list(model.config.stains)
-    from napari_cellclip.plates import reorder_stains, stains as stains_of
-
     if list(stains_of(fields)) != want:
         fields = reorder_stains(fields, want)
-    feats, fields, _ = extract(fields, model.config.image_encoder or "morphology",
-                               normalization=getattr(model.config, "input_normalization", "field"), device=str(dev),
-                               cache_dir=cache_dir, batch_size=extract_batch_size,
-                               num_workers=num_workers, progress=not no_progress, quiet=quiet)
+    feats, fields, enc = extract(fields, model.config.image_encoder or "morphology",
+                                 normalization=getattr(model.config, "input_normalization", "field"),
+                                 device=str(dev), cache_dir=cache_dir, batch_size=extract_batch_size,
+                                 num_workers=num_workers, progress=not no_progress, quiet=quiet)
     if correction == "checkpoint":
         spec = corr.spec_for_model(model, ck)
     else:
@@ -711,10 +723,43 @@ def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, ann
         if spec and spec["method"] == "tvn":
             spec = corr.fit(feats, fields, spec)
     feats = corr.apply(feats, fields, spec)
-    wb = build_well_bags(feats, fields)
+    return EvaluationData(model, ck, dev, feats, fields, enc, spec, build_well_bags(feats, fields))
+
+
+@_hf_bars_follow_quiet
+def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
+             channel_map=None, cell_line="A549", correction="checkpoint", device="auto", cache_dir=None,
+             extract_batch_size=8, num_workers=0, output=None, quiet=False, no_progress=False,
+             metrics=("retrieval",), profiling=None) -> dict:
+    """Report of a checkpoint on a data set (features via the checkpoint's encoder).
+
+    ``metrics``: "retrieval" (cross-modal R@k) and/or the copairs profiling metrics of
+    :mod:`training.profiling` ("replicate", "activity", "consistency", "sister"), whose
+    options ``profiling`` holds (:func:`training.profiling.model_report`'s keywords).
+    """
+    import torch
+
+    from napari_cellclip import correction as corr
+
+    from .evaluate import evaluate_bags, format_report, write_report
+
+    t0 = time.perf_counter()
+    ev = load_evaluation(checkpoint, data, platemap=platemap, barcode_platemap=barcode_platemap,
+                         annotations=annotations, channel_map=channel_map, cell_line=cell_line,
+                         correction=correction, device=device, cache_dir=cache_dir,
+                         extract_batch_size=extract_batch_size, num_workers=num_workers, quiet=quiet,
+                         no_progress=no_progress)
     with torch.no_grad():
-        rep = evaluate_bags(model, wb, device=dev, correction_spec=spec,
-                            extra={"checkpoint": str(ck)})
+        if "retrieval" in metrics:
+            rep = evaluate_bags(ev.model, ev.wells, device=ev.device, correction_spec=ev.correction,
+                                extra={"checkpoint": str(ev.checkpoint)})
+        else:
+            rep = {"checkpoint": str(ev.checkpoint), "plates": sorted(set(ev.wells.wells["plate"])),
+                   "n_wells": len(ev.wells), "feature_correction": corr.to_json(ev.correction)}
+        if any(m != "retrieval" for m in metrics):
+            from .profiling import model_report
+
+            rep["profiling"] = model_report(ev, metrics, **(profiling or {}))
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     if output:
         write_report(rep, output)

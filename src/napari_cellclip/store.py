@@ -39,6 +39,7 @@ __all__ = [
     "cache_key",
     "l2_normalize",
     "metadata_columns",
+    "well_groups",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
@@ -165,29 +166,11 @@ class EmbeddingStore:
             return self
         if self._well_cache is not None:
             return self._well_cache
-        missing = [k for k in WELL_KEYS if k not in self.fields.columns]
-        if missing:
-            raise MetadataError(f"well-level aggregation needs the columns {missing} in the fields table")
-        keys = list(WELL_KEYS)
-        f = self.fields
-        codes = f.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
-        n_wells = int(codes.max()) + 1 if len(codes) else 0
+        codes, table = well_groups(self.fields)
+        n_wells = len(table)
         sums = np.zeros((n_wells, self.dim), dtype=np.float64)
         np.add.at(sums, codes, self.embeddings.astype(np.float64))
-        counts = np.bincount(codes, minlength=n_wells)
-        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-
-        meta = [c for c in metadata_columns(f) if c not in keys and c != "Metadata_n_fields"]
-        first = pd.Series(np.arange(len(f))).groupby(codes).first().to_numpy()
-        table = f.iloc[first][keys].reset_index(drop=True)
-        if meta:
-            nun = f[meta].groupby(codes).nunique(dropna=False)
-            constant = [c for c in meta if bool((nun[c] <= 1).all())]
-            if constant:
-                table = pd.concat(
-                    [table, f.iloc[first][constant].reset_index(drop=True)], axis=1
-                )
-        table["Metadata_n_fields"] = counts.astype(np.int64)
+        means = (sums / np.maximum(table["Metadata_n_fields"].to_numpy(), 1)[:, None]).astype(np.float32)
         info = dict(self.info)
         info["aggregated_from"] = "field"
         self._well_cache = EmbeddingStore(means, table, self.model_id, level="well", info=info)
@@ -304,6 +287,33 @@ class EmbeddingStore:
 
 
 # ---------------------------------------------------------------------- helpers
+def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Rows of a fields table grouped by ``(Metadata_Plate, Metadata_Well)``.
+
+    Returns ``codes`` (N,) — each row's well, 0..W-1 in (plate, well) order — and the
+    wells' table: the key columns, every other ``Metadata_*`` column whose value is
+    constant within every well (per-field ones such as ``Metadata_Site`` are dropped),
+    and ``Metadata_n_fields``, the rows of each well.
+    """
+    keys = list(WELL_KEYS)
+    missing = [k for k in keys if k not in fields.columns]
+    if missing:
+        raise MetadataError(f"well-level aggregation needs the columns {missing} in the fields table")
+    f = fields.reset_index(drop=True)
+    codes = f.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
+    n_wells = int(codes.max()) + 1 if len(codes) else 0
+    meta = [c for c in metadata_columns(f) if c not in keys and c != "Metadata_n_fields"]
+    first = pd.Series(np.arange(len(f))).groupby(codes).first().to_numpy().astype(np.int64)
+    table = f.iloc[first][keys].reset_index(drop=True)
+    if meta:
+        nun = f[meta].groupby(codes).nunique(dropna=False)
+        constant = [c for c in meta if bool((nun[c] <= 1).all())]
+        if constant:
+            table = pd.concat([table, f.iloc[first][constant].reset_index(drop=True)], axis=1)
+    table["Metadata_n_fields"] = np.bincount(codes, minlength=n_wells).astype(np.int64)
+    return codes, table
+
+
 def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     """A key for reusing a plate's embeddings from disk: data identity + model identity.
 
