@@ -327,6 +327,9 @@ class PerturbationMapWidget(QWidget):
         lay.addWidget(self.legend)
         self.export_btn = QPushButton("Export embeddings + map to parquet…")
         lay.addWidget(self.export_btn)
+        self.profiles_btn = QPushButton("Export profiles (pycytominer)…")
+        self.profiles_btn.setToolTip("fields.parquet + wells.parquet: Metadata_* + Image_CellCLIP_* columns")
+        lay.addWidget(self.profiles_btn)
 
     def _connect(self) -> None:
         self.compute_btn.clicked.connect(self.compute)
@@ -334,6 +337,7 @@ class PerturbationMapWidget(QWidget):
         self.color_combo.currentTextChanged.connect(self._recolor)
         self.view.selection_made.connect(self._on_points_selected)
         self.export_btn.clicked.connect(self._export_dialog)
+        self.profiles_btn.clicked.connect(self._profiles_dialog)
         ev = self.state.events
         ev.store.connect(self._on_store)
         ev.results.connect(self._on_results)
@@ -344,6 +348,7 @@ class PerturbationMapWidget(QWidget):
         st = self.state.store
         self.compute_btn.setEnabled(st is not None)
         self.export_btn.setEnabled(st is not None)
+        self.profiles_btn.setEnabled(st is not None)
         if st is None:
             return
         cols = [c for c in st.fields.columns if str(c).startswith("Metadata_")]
@@ -535,6 +540,27 @@ class PerturbationMapWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Export map", "cellclip_map.parquet", "Parquet (*.parquet)")
         if path:
             self.export_parquet(path)
+
+    def export_profiles(self, folder) -> Job | None:
+        """Write the embedded store's field and well profiles into ``folder`` in a worker
+        (:func:`napari_cellclip.profiles.write_store_profiles`)."""
+        st = self.state.store
+        if st is None:
+            _notify.error("Nothing is embedded yet: press 'Embed plate' in the Search widget first")
+            return None
+
+        def work(progress, should_stop):
+            from ..profiles import write_store_profiles
+
+            return write_store_profiles(st, folder)
+
+        return start_job(work, name="CellCLIP: export profiles",
+                         on_returned=lambda paths: _notify.info(f"Wrote {', '.join(map(str, paths.values()))}"))
+
+    def _profiles_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export profiles into folder")
+        if folder:
+            self.export_profiles(folder)
 
 
 def _html(s: str) -> str:
