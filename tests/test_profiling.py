@@ -167,7 +167,7 @@ def test_not_computable_is_said_not_scored():
 
 def test_controls_and_perturbations_from_gallery_style_columns():
     """CellProfiler well profiles name DMSO in Metadata_broad_sample and the dose apart."""
-    p, x = _plates()
+    p, _ = _plates()
     df = p.frame.drop(columns=["Metadata_control_type"]).rename(columns={"Metadata_pert_iname": "Metadata_broad_sample"})
     df["Metadata_mmoles_per_liter"] = np.where(df["Metadata_broad_sample"] == "DMSO", 0.0, 10.0)
     rep = _report(Profiles(df, p.features, {}), ["activity"])
@@ -215,7 +215,7 @@ def test_evaluate_reports_profiling_metrics_on_the_sample(trained_checkpoint, ce
     assert rep["well"]["image_to_text"]["n_queries"] == 4  # retrieval is still there
     src = rep["profiling"]["sources"]
     assert list(src) == ["embeddings", "features", "intensity"]
-    for name, s in src.items():
+    for s in src.values():
         assert s["level"] == "field" and s["n_profiles"] == 12 and s["n_negative_controls"] == 6
         act = s["activity"]
         # the fields of a well are its replicates at this level: 2 compounds x 3 fields
@@ -233,24 +233,8 @@ def test_evaluate_reports_profiling_metrics_on_the_sample(trained_checkpoint, ce
     assert emb["well_profiles"].startswith("the model's multi-instance pooling")
 
 
-def _plate_copies(tmp_path, names=("SQ00015198", "SQ00015230")):
-    from napari_cellclip.sample import sample_plate_dir
-
-    src = pd.read_csv(sample_plate_dir() / "load_data.csv")
-    plates = []
-    for name in names:
-        d = tmp_path / name
-        d.mkdir()
-        t = src.copy()
-        t["Metadata_Plate"] = name
-        for col in [c for c in t.columns if c.startswith("PathName_")]:
-            t[col] = str(sample_plate_dir())
-        t.to_csv(d / "load_data.csv", index=False)
-        plates.append(d / "load_data.csv")
-    return plates
-
-
-def test_profiles_verb_and_evaluate_on_profile_tables(trained_checkpoint, cellclip_cache_dir, tmp_path, capsys):
+def test_profiles_verb_and_evaluate_on_profile_tables(trained_checkpoint, cellclip_cache_dir, tmp_path, capsys,
+                                                      sample_plate_copies):
     """Two copies of the sample plate: wells have replicates across plates; profiles written by
     `profiles` are judged by `evaluate --profiles` alone (the path for CellProfiler tables)."""
     import json
@@ -258,7 +242,7 @@ def test_profiles_verb_and_evaluate_on_profile_tables(trained_checkpoint, cellcl
     from napari_cellclip.profiles import read_profiles
     from napari_cellclip.sample import sample_platemap_dir
 
-    plates = _plate_copies(tmp_path)
+    plates = sample_plate_copies()
     data = ["--data", plates[0], "--data", plates[1], "--platemap", sample_platemap_dir(),
             "--cache-dir", cellclip_cache_dir, "--no-progress", "--quiet"]
     _run(["profiles", *data, "--checkpoint", trained_checkpoint, "--output", tmp_path / "emb"], capsys)
@@ -266,7 +250,7 @@ def test_profiles_verb_and_evaluate_on_profile_tables(trained_checkpoint, cellcl
     _run(["profiles", *data, "--representation", "intensity", "--aggregate", "mean", "--output", tmp_path / "int"],
          capsys)
     for name, n_feat, pooling in (("emb", None, "multi-instance"), ("feat", 640, "median"), ("int", 45, "mean")):
-        fields, fcols, finfo = read_profiles(tmp_path / name / "fields.parquet")
+        fields, fcols, _ = read_profiles(tmp_path / name / "fields.parquet")
         wells, wcols, winfo = read_profiles(tmp_path / name / "wells.parquet")
         assert len(fields) == 24 and len(wells) == 8 and fcols == wcols
         assert n_feat is None or len(wcols) == n_feat

@@ -250,23 +250,13 @@ def test_fit_trains_from_memory_mapped_features_like_in_memory(tmp_path, cellcli
     assert r["steps"] == m["steps"]
 
 
-def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir):
+def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir, sample_plate_copies):
     """Two copies of the sample plate (the second renamed) → train on one, validate on the other."""
     from napari_cellclip.model import CellCLIP
-    from napari_cellclip.sample import sample_plate_dir, sample_platemap_dir
+    from napari_cellclip.sample import sample_platemap_dir
     from training.loop import evaluate, fit
 
-    src = pd.read_csv(sample_plate_dir() / "load_data.csv")
-    plates = []
-    for name in ("SQ00015198", "SQ00015230"):
-        d = tmp_path / name
-        d.mkdir()
-        t = src.copy()
-        t["Metadata_Plate"] = name
-        for col in [c for c in t.columns if c.startswith("PathName_")]:
-            t[col] = str(sample_plate_dir())
-        t.to_csv(d / "load_data.csv", index=False)
-        plates.append(str(d / "load_data.csv"))
+    plates = [str(p) for p in sample_plate_copies()]
     out = tmp_path / "run"
     s = fit(data=plates, platemap=str(sample_platemap_dir()), val_plate=["SQ00015230"], output=str(out),
             epochs=2, correction="tvn", cache_dir=str(cellclip_cache_dir), **TINY)

@@ -212,7 +212,8 @@ def _profiling_kwargs(a) -> dict:
 
 def _evaluate(a) -> int:
     from .loop import evaluate
-    from .profiling import format_profiling, parse_metrics, table_report
+    from .profile_sources import table_report
+    from .profiling import format_profiling, parse_metrics
 
     metrics = parse_metrics(a.metrics or ("all" if a.checkpoint else "replicate,activity,consistency,sister"))
     prof = _profiling_kwargs(a)
@@ -238,7 +239,7 @@ def _evaluate(a) -> int:
 
 
 def _profiles(a) -> int:
-    from .profiling import export_profiles
+    from .profile_sources import export_profiles
 
     load = dict(platemap=a.platemap, barcode_platemap=a.barcode_platemap, annotations=a.annotations,
                 channel_map=a.channel_map, cell_line=a.cell_line)

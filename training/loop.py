@@ -735,7 +735,7 @@ def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, ann
 
     ``metrics``: "retrieval" (cross-modal R@k) and/or the copairs profiling metrics of
     :mod:`training.profiling` ("replicate", "activity", "consistency", "sister"), whose
-    options ``profiling`` holds (:func:`training.profiling.model_report`'s keywords).
+    options ``profiling`` holds (:func:`training.profile_sources.model_report`'s keywords).
     """
     import torch
 
@@ -757,7 +757,7 @@ def evaluate(checkpoint, data=None, *, platemap=None, barcode_platemap=None, ann
             rep = {"checkpoint": str(ev.checkpoint), "plates": sorted(set(ev.wells.wells["plate"])),
                    "n_wells": len(ev.wells), "feature_correction": corr.to_json(ev.correction)}
         if any(m != "retrieval" for m in metrics):
-            from .profiling import model_report
+            from .profile_sources import model_report
 
             rep["profiling"] = model_report(ev, metrics, **(profiling or {}))
     rep["seconds"] = round(time.perf_counter() - t0, 2)
