@@ -83,7 +83,15 @@ def test_significance_follows_the_effect():
     strong, _ = _plates(seed=1, n_plates=4, effect=4.0, noise=0.5)
     act = _report(strong, ["activity"])["activity"]["groups"]
     assert act["a"]["significant"] and act["b"]["significant"]
-    assert act["a"]["mAP"] == 1.0 and act["a"]["p_value"] == pytest.approx(1 / 2001)  # the null's floor
+    assert act["a"]["mAP"] == 1.0
+    # a perfect ranking: copairs 0.5 counts null mAPs strictly above it (none: p at the null's floor);
+    # the tie-inclusive p is the chance of a perfect ranking, 3 positives among 11: 1 / C(11, 3) = 1/165
+    assert act["a"]["p_value_strict"] == pytest.approx(1 / 2001)
+    assert 0.002 < act["a"]["p_value"] < 0.015
+    # LINCS's design: one held-out query, 2 replicates among 8 wells -> a perfect ranking has p = 1/28
+    lincs, _ = _plates(seed=1, n_plates=3, effect=4.0, noise=0.5)
+    one = _report(lincs, ["activity"], query_plates=["P2"])["activity"]["groups"]["a"]
+    assert one["n_queries"] == 1 and one["mAP"] == 1.0 and one["p_value"] == pytest.approx(1 / 28, abs=0.01)
     assert not act["c"]["significant"]  # no effect: indistinguishable from DMSO
     assert act["c"]["corrected_p_value"] >= act["c"]["p_value"]
 

@@ -219,9 +219,16 @@ def average_precision(meta: pd.DataFrame, x: np.ndarray, pos_sameby, pos_diffby,
 
 
 def mean_average_precision(ap: pd.DataFrame, group: str, options: ProfilingOptions) -> dict:
-    """copairs' mAP per ``group`` value, its p-value and FDR-corrected p-value, and a summary."""
+    """copairs' mAP per ``group`` value, its p-value and FDR-corrected p-value, and a summary.
+
+    ``p_value`` counts the null mAPs *at or above* the observed one (as copairs >= 0.6 does);
+    copairs 0.5 counts only those strictly above (kept as ``p_value_strict``), which gives a
+    perfect ranking p = 1/(null_size + 1) however often chance ranks perfectly: with 2 positives
+    among 8 it does 1 time in 28.  Significance uses the tie-inclusive p-values, BH-corrected
+    by copairs' ``apply_fdr_correction``.
+    """
     cmap, _ = _copairs()
-    scored = ap[(ap["n_pos_pairs"] > 0) & ap["average_precision"].notna()]
+    scored = ap[(ap["n_pos_pairs"] > 0) & ap["average_precision"].notna()].reset_index(drop=True)
     if scored.empty:
         raise NotComputable("no query has a positive to retrieve")
     # a fresh null-distribution cache per call: copairs' shared cache makes p-values depend on past runs
@@ -229,8 +236,10 @@ def mean_average_precision(ap: pd.DataFrame, group: str, options: ProfilingOptio
         m = cmap.mean_average_precision(scored, [group], null_size=int(options.null_size),
                                         threshold=float(options.threshold), seed=int(options.seed),
                                         progress_bar=False, cache_dir=tmp)
+        m = _tie_inclusive(m, scored, options, tmp)
     groups = {str(getattr(r, group)): {"mAP": round(float(r.mean_average_precision), 4),
                                        "p_value": float(r.p_value), "corrected_p_value": float(r.corrected_p_value),
+                                       "p_value_strict": float(r.p_value_strict),
                                        "significant": bool(r.below_corrected_p), "n_queries": len(r.indices)}
               for r in m.itertuples(index=False)}
     n_sig = int(m["below_corrected_p"].sum())
@@ -238,6 +247,25 @@ def mean_average_precision(ap: pd.DataFrame, group: str, options: ProfilingOptio
             "normalized_mAP": round(float(m["mean_normalized_average_precision"].mean()), 4),
             "n_groups": len(m), "n_significant": n_sig, "fraction_significant": round(n_sig / len(m), 4),
             "n_queries": len(scored), "groups": groups}
+
+
+def _tie_inclusive(m: pd.DataFrame, scored: pd.DataFrame, options: ProfilingOptions, cache_dir) -> pd.DataFrame:
+    """p-values counting null mAPs >= the observed one, from the very null draws copairs used
+    (same configurations, seed and cache), then copairs' BH correction."""
+    from copairs.compute import get_null_dists
+    from copairs.map import apply_fdr_correction
+
+    confs, rev = np.unique(scored[["n_pos_pairs", "n_total_pairs"]].to_numpy(), axis=0, return_inverse=True)
+    nulls = get_null_dists(confs, int(options.null_size), seed=int(options.seed), cache_dir=cache_dir,
+                           progress_bar=False)
+    rev = np.asarray(rev).reshape(-1)
+    p = [(int((nulls[rev[list(idx)]].mean(axis=0) >= score - 1e-9).sum()) + 1) / (int(options.null_size) + 1)
+         for score, idx in zip(m["mean_average_precision"], m["indices"])]
+    m = m.rename(columns={"p_value": "p_value_strict"}).drop(columns=["corrected_p_value"])
+    m["p_value"] = p
+    m = apply_fdr_correction(m)
+    m["below_corrected_p"] = m["corrected_p_value"] < float(options.threshold)
+    return m
 
 
 def _treatments(d: pd.DataFrame) -> np.ndarray:
