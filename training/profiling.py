@@ -1,15 +1,17 @@
 """Profiling metrics: mean average precision (mAP) with copairs, as image-based profiling judges profiles.
 
-Every number here is computed by copairs (Kalinin et al. 2025, "A versatile
-information retrieval framework for evaluating profile strength and similarity",
-Nat Commun; https://github.com/cytomining/copairs): ``copairs.map.average_precision``
-(or its multilabel variant) ranks, for each query profile, every other profile of
-its comparison set by cosine similarity and scores the positives' ranks (AP);
+The numbers are copairs' (Kalinin et al. 2025, "A versatile information retrieval
+framework for evaluating profile strength and similarity", Nat Commun 16:5181;
+https://github.com/cytomining/copairs): ``copairs.map.average_precision`` (or its
+multilabel variant) ranks, for each query profile, every other profile of its
+comparison set by cosine similarity and scores the positives' ranks (AP);
 ``copairs.map.mean_average_precision`` averages the APs of a group (a perturbation,
-an annotation), tests each group's mAP against a null of random rankings with the
-same numbers of positives and negatives (``null_size`` draws, p = (k + 1) / (n + 1)),
-and corrects the p-values for multiple testing (Benjamini–Hochberg FDR).  A group
-is *significant* when its corrected p-value is below ``threshold`` (0.05).
+an annotation) and draws a null of random rankings with the same numbers of
+positives and negatives (``null_size`` draws).  The p-value counts the null mAPs at
+or above the observed one, p = (k + 1) / (n + 1), from copairs' own null draws (see
+:func:`mean_average_precision` for why not copairs 0.5's strict count), and copairs
+corrects the p-values for multiple testing (Benjamini–Hochberg FDR).  A group is
+*significant* when its corrected p-value is below ``threshold`` (0.05).
 
 Metrics (rows are well profiles unless ``level="field"``):
 
