@@ -15,8 +15,8 @@
    A treated well closer to a DMSO well than the DMSO wells are to each
    other cannot be told from DMSO by any rule built on these features.
 
-    python benchmarks/lincs_eval.py [--data-root /work/shared/data/lincs-a549]
-        [--output benchmarks/lincs_eval.json] [--workdir DIR] [--cache-dir DIR]
+    python benchmarks/lincs_eval.py [--data-root ../shared/data/lincs-a549]
+        [--output benchmarks/lincs_eval.json | --no-write] [--workdir DIR] [--cache-dir DIR]
         [--holdouts SQ00015231 | all] [--losses cwcl siglip clip]
         [--batchings multipositive distinct] [--corrections tvn center_scale none]
         [--normalizations plate field]
@@ -29,7 +29,10 @@ The file in the repository was written by
 
 (the first summary row, cwcl + multipositive + tvn, is the default; the
 specified split is the SQ00015231 rows of it).
-Writes --output (default benchmarks/lincs_eval.json) and prints a summary table.
+Writes --output (default benchmarks/lincs_eval.json; nothing with --no-write) and prints a
+summary table.  The plates are read from --data-root, by default ``../shared/data/lincs-a549``
+beside the repository (the layout of shared/data/README.md; $NAPARI_CELLCLIP_LINCS_DATA
+overrides it).
 """
 
 from __future__ import annotations
@@ -51,26 +54,50 @@ TRAIN = ["SQ00015198", "SQ00015230"]
 TEST = "SQ00015231"
 
 
+def default_data_root() -> Path:
+    """``$NAPARI_CELLCLIP_LINCS_DATA``, else ``../shared/data/lincs-a549`` beside the repository."""
+    env = os.environ.get("NAPARI_CELLCLIP_LINCS_DATA")
+    return Path(env) if env else HERE.parent.parent / "shared" / "data" / "lincs-a549"
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default="/work/shared/data/lincs-a549")
-    p.add_argument("--output", default=str(HERE / "lincs_eval.json"))
-    p.add_argument("--workdir", default=None, help="keep every run's checkpoint here (default: a temp dir, each checkpoint deleted "
-                        "once evaluated: about 185 MB each, the text encoder included)")
+    p = argparse.ArgumentParser(
+        description="How well CellCLIP, trained on two real LINCS Cell Painting plates, names the compound of "
+                    "the wells and fields of the third plate, next to a simple nearest-average rule on "
+                    "intensity measurements.  Prints a table; about 10 seconds per trained model once the "
+                    "image features are cached.",
+        epilog="Each combination of --holdouts, --normalizations, --losses, --batchings, --corrections and "
+               "--seeds trains one model.")
+    p.add_argument("--data-root", type=Path, default=default_data_root(),
+                   help="folder with the LINCS plates (images/, platemap/), default: ../shared/data/lincs-a549 "
+                        "beside the repository, or $NAPARI_CELLCLIP_LINCS_DATA (now: %(default)s)")
+    p.add_argument("--output", default=str(HERE / "lincs_eval.json"),
+                   help="where to write every number as JSON (default: benchmarks/lincs_eval.json)")
+    p.add_argument("--no-write", action="store_true", help="only print the table; write no file")
+    p.add_argument("--workdir", default=None,
+                   help="keep every trained model in this folder (default: a temporary folder; each model, about "
+                        "185 MB with its text encoder, is deleted once evaluated)")
     p.add_argument("--cache-dir", default=None,
-                   help="feature cache (default: a fresh temp dir, so the wall time includes extraction)")
-    p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"])
+                   help="image-feature cache to reuse (default: a new temporary one, so the time measured "
+                        "includes computing the features)")
+    p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"],
+                   help="plate-effect corrections to compare: tvn, center_scale, none (default: all three)")
     p.add_argument("--normalizations", nargs="+", default=["plate"], choices=["plate", "field"],
-                   help="input normalisation of the channels (fit --normalization)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--losses", nargs="+", default=["cwcl"])
-    p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"])
+                   help="how image intensities are rescaled: per plate or per field (default: plate)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="random seeds; each trains a model (default: 0)")
+    p.add_argument("--losses", nargs="+", default=["cwcl"], help="training losses: cwcl, clip, siglip (default: cwcl)")
+    p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"],
+                   help="how training batches are drawn (default: multipositive)")
     p.add_argument("--holdouts", nargs="+", default=[TEST],
-                   help="held-out plates (each trained on the other two); 'all' = leave each plate out")
-    p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fit", default="", help="extra fit options as JSON, e.g. '{\"epochs\": 80}'")
+                   help=f"plates to hold out, each in turn, training on the other two; 'all' holds out each "
+                        f"plate (default: {TEST})")
+    p.add_argument("--skip-baseline", action="store_true", help="leave out the nearest-average rule")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--fit", default="", help="more training options as JSON, e.g. '{\"epochs\": 80}'")
     a = p.parse_args(argv)
+    if not (Path(a.data_root) / "images").is_dir():
+        p.error(f"no LINCS plates in {a.data_root} (expected its images/ and platemap/ folders): "
+                "give --data-root or set NAPARI_CELLCLIP_LINCS_DATA")
 
     import torch
 
@@ -145,7 +172,8 @@ def main(argv=None) -> int:
     report["summary"] = _summarise(report["runs"])
     for row in report["summary"]:
         print("mean over seeds/holdouts:", json.dumps(row))
-    Path(a.output).write_text(json.dumps(report, indent=2, default=str))
+    if not a.no_write:
+        Path(a.output).write_text(json.dumps(report, indent=2, default=str))
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.output}")

@@ -23,6 +23,7 @@ fold is one AP, and its p-value cannot go below 1/C(8,2) = 0.036 (activity) or
 activity is significant only when both rank their replicates first.
 
     python benchmarks/lincs_map.py [--data-root ../shared/data/lincs-a549] [--seeds 0 1 2]
+        (default data root: $NAPARI_CELLCLIP_LINCS_DATA, else ../shared/data/lincs-a549 beside the repository)
         [--null-size 10000] [--output benchmarks/lincs_map.json] [--cache-dir DIR]
 
 Writes --output and prints a markdown table (the one in the README).
@@ -43,8 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # the repository's training/ package
+sys.path.insert(0, str(HERE))
 
-PLATES = ["SQ00015198", "SQ00015230", "SQ00015231"]
+from lincs_eval import PLATES, default_data_root  # noqa: E402 - one definition of the LINCS data
 ROWS = [("embeddings", "(a) CellCLIP image embeddings (model's well pooling)"),
         ("features", "(b) frozen morphology features, corrected as the checkpoint (centre-scale + TVN)"),
         ("features_center_scale", "(b') frozen morphology features, DMSO centre-and-scale only"),
@@ -53,7 +55,9 @@ ROWS = [("embeddings", "(a) CellCLIP image embeddings (model's well pooling)"),
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "lincs-a549"))
+    p.add_argument("--data-root", type=Path, default=default_data_root(),
+                   help="the LINCS plates: ../shared/data/lincs-a549 beside the repository, or "
+                        "$NAPARI_CELLCLIP_LINCS_DATA (now: %(default)s)")
     p.add_argument("--output", default=str(HERE / "lincs_map.json"))
     p.add_argument("--cache-dir", default=None, help="feature cache (default: the user cache)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

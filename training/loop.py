@@ -367,6 +367,7 @@ def fit(**kwargs) -> dict:
 
     from napari_cellclip import correction as corr
     from napari_cellclip.losses import compute_loss
+    from napari_cellclip.modelcard import write_model_card
     from napari_cellclip.model import CellCLIP, CellCLIPConfig
 
     from .data import BATCHINGS, build_well_bags, make_batch_sampler, split_by_plate
@@ -653,6 +654,7 @@ def fit(**kwargs) -> dict:
         summary["seconds"] = round(time.perf_counter() - t_start, 2)
         summary["model"] = str(output / "model")
         if dist.main:
+            write_model_card(output / "model", summary=summary, fields=fields, report=rep)
             log({"event": "done", **{k: v for k, v in summary.items() if k != "val"}})
             say(f"saved {output / 'model'} ({step} steps, {summary['seconds']:.1f}s)")
         dist.barrier()

@@ -308,8 +308,9 @@ def embed_fields(
     batch_size
         Fields per feature-extraction batch.
     progress
-        ``progress(done, total)``; ``total = 2 * len(fields)``: the first half is feature
-        extraction, the second the model encode.
+        ``progress(done, total)`` with ``total = len(fields)``, after each feature batch:
+        ``done`` counts the fields read and encoded so far.  ``(total, total)`` is reported
+        once, when the store is complete (after the model tower and the store cache write).
     should_stop
         Polled between batches; returning True raises :class:`~napari_cellclip.errors.Cancelled`.
 
@@ -330,7 +331,6 @@ def embed_fields(
     fields = check_stains(fields, model)
     stains = list(getattr(cfg, "stains", None) or [])
     n = len(fields)
-    total = 2 * n
 
     dev = resolve_device(device)
     if _model_device(model) != dev:
@@ -379,13 +379,13 @@ def embed_fields(
                 for _pos, msg in store.info.get("skipped", []):
                     warnings.warn(f"skipped field: {msg}", CellClipWarning, stacklevel=2)
                 if progress is not None:
-                    progress(total, total)
+                    progress(n, n)
                 return store
 
     # ---- frozen channel features
     def _extract_progress(done: int, tot: int) -> None:
-        if progress is not None:
-            progress(int(round(done * n / max(tot, 1))), total)
+        if progress is not None and done < n:  # (n, n) only once the store is complete
+            progress(done, n)
 
     no_cache = cache_dir is False
     res = features_mod.extract_features(
@@ -407,24 +407,16 @@ def embed_fields(
 
     # ---- CellCLIP image tower
     m = len(index)
-
-    def _encode_progress(done: int, tot: int) -> None:
-        if progress is not None:
-            progress(n + int(round(done * n / max(tot, 1))), total)
-
-    emb = embed_features(
-        feats, model, batch_size=max(ENCODE_BATCH, batch_size),
-        progress=_encode_progress, should_stop=should_stop,
-    )
+    emb = embed_features(feats, model, batch_size=max(ENCODE_BATCH, batch_size), should_stop=should_stop)
     if emb.shape[0] != m:  # pragma: no cover - defensive
         raise CellClipError(f"model returned {emb.shape[0]} embeddings for {m} fields")
     info = dict(info_base, skipped=skipped, n_embedded=m)
     store = EmbeddingStore(emb, ok_fields, model_id, level="field", info=info, normalize=False)
-    if progress is not None:
-        progress(total, total)
     if cached_path is not None:
         try:
             store.save(cached_path)
         except OSError as e:  # a read-only cache must not break embedding
             warnings.warn(f"could not cache embeddings in {cached_path}: {e}", CellClipWarning, stacklevel=2)
+    if progress is not None:
+        progress(n, n)
     return store

@@ -13,8 +13,9 @@ Cache layout (``default_cache_dir()`` unless ``cache_dir`` is given)::
 
 ``key`` is a blake2b digest of: the encoder identity, the normalisation
 parameters (the percentiles, or under plate normalisation the plate's fixed
-per-channel range itself), and, per channel in order, the stain name, the blake2b digest of the
-channel file's raw bytes and the frame index (multi-channel TIFF) — so a cached
+per-channel range itself), and, per channel in order, the stain name, the content digest of
+the channel's data (:func:`images.channel_digest`: a file's raw bytes, or an OME-Zarr field's
+metadata and array chunks) and the frame index (channel in a multi-channel file) — so a cached
 field is never decoded, and a changed file, stain order, frame, normalisation or
 encoder gives a new key.  Entries are written to a temporary file and moved into
 place with :func:`os.replace`, so a cancelled or killed job leaves only complete
@@ -34,7 +35,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._fsutil import file_digest
 from .errors import Cancelled, CellClipError, CellClipWarning, ImageReadError
 
 #: percentile normalisation applied by images.load_field_normalized
@@ -75,14 +75,6 @@ def default_cache_dir() -> Path:
 
 
 # -- hashing -----------------------------------------------------------------
-def _file_digest(path: Path) -> str:
-    """Content digest of an image file; an unreadable file is an ImageReadError naming it."""
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        raise ImageReadError(path, f"file not found or not readable ({exc.strerror or exc})") from None
-
-
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
                     low: float = NORM_LOW, high: float = NORM_HIGH, ranges=None) -> str:
     """Cache key of one field (see module doc); raises ImageReadError for a missing file.
@@ -90,7 +82,7 @@ def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
     ``ranges``: the field's fixed (C, 2) intensity range under plate normalisation
     (None: per-field percentiles ``low``/``high``).
     """
-    from .images import channel_frame, channel_path, row_value
+    from .images import channel_digest, channel_frame, row_value
 
     h = hashlib.blake2b(digest_size=20)
     if ranges is None:
@@ -102,9 +94,8 @@ def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
     if axes:
         h.update(f"axes={axes}\0".encode())
     for stain in stains:
-        path = channel_path(row, stain)
         frame = channel_frame(row, stain)
-        h.update(f"{stain}\0{_file_digest(path)}\0{'' if frame is None else frame}\0".encode())
+        h.update(f"{stain}\0{channel_digest(row, stain)}\0{'' if frame is None else frame}\0".encode())
     return h.hexdigest()
 
 
@@ -127,7 +118,7 @@ def _cached_plate_ranges(fields, stains: Sequence[str], low: float, high: float,
                     row = fields.iloc[int(i)]
                     for stain in stains:
                         frame = images.channel_frame(row, stain)
-                        h.update(f"{stain}\0{_file_digest(images.channel_path(row, stain))}\0"
+                        h.update(f"{stain}\0{images.channel_digest(row, stain)}\0"
                                  f"{'' if frame is None else frame}\0".encode())
                 path = _entry_path(root / "plate-ranges", h.hexdigest())
             except (CellClipError, OSError):

@@ -1,8 +1,10 @@
 """Decode channel images and normalise intensities.
 
 Fields are read lazily: nothing here touches a file until :func:`load_field` is
-called for that field.  TIFF goes through tifffile (8-bit, 16-bit, float, and
-multi-channel files with a frame index), PNG through Pillow.
+called for that field.  TIFF goes through tifffile with imagecodecs (8-bit, 16-bit,
+float; LZW, zstd, deflate, JPEG-family compression; multi-channel files with a frame
+index; OME-TIFF), PNG through Pillow, OME-Zarr fields through zarr
+(:mod:`napari_cellclip.formats`).
 """
 
 from __future__ import annotations
@@ -20,34 +22,47 @@ PNG_SUFFIXES = (".png",)
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
 
 
-def read_image(path, frame: int | None = None, axes: str | None = None) -> np.ndarray:
+def read_image(path, frame: int | None = None, axes: str | None = None, level: int = 0) -> np.ndarray:
     """Read one 2-D channel image.
 
-    ``frame`` picks a channel inside a multi-channel TIFF; ``axes`` says where
-    the channel axis is in such a file ("CYX" or "YXC"; default "CYX").
-    Raises :class:`ImageReadError` naming the file when it is missing,
-    corrupt, truncated or not 2-D.
+    ``path`` is a PNG or TIFF file (any compression imagecodecs decodes: LZW, zstd,
+    deflate, JPEG, JPEG 2000, JPEG XL …), an OME-TIFF, or an OME-Zarr image folder (one
+    field of an HCS plate).  ``frame`` picks a channel (0-based) inside a multi-channel
+    file; ``axes`` says where the channel axis is in a plain multi-channel TIFF ("CYX" or
+    "YXC"; default "CYX"); OME-TIFF and OME-Zarr images say it themselves (their T and Z
+    are reduced as :mod:`napari_cellclip.formats.planes` describes).  ``level`` picks a
+    pyramid level of an OME-Zarr or pyramidal OME-TIFF image (0 = full resolution).
+    Raises :class:`ImageReadError` naming the file when it is missing, corrupt, truncated
+    or not 2-D.
     """
     path = Path(path)
+    if path.is_dir():
+        from .formats import ome_zarr
+
+        return _check_plane(path, ome_zarr.read_plane(path, frame, level))
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     suffix = path.suffix.lower()
     try:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            data = tifffile.imread(path)
+            data, is_ome = _read_tiff(path, frame, axes, level)
+            if is_ome or (data.ndim == 2 and not frame):  # frame 0 of a single-plane file is that plane
+                return _check_plane(path, data)
         elif suffix in PNG_SUFFIXES:
             from PIL import Image
 
+            _no_pyramid(path, level)
             with Image.open(path) as im:
                 im.load()
                 data = np.asarray(im)
         else:
-            raise ImageReadError(path, f"unsupported image type {suffix!r} (use TIFF or PNG)")
+            raise ImageReadError(path, f"unsupported image type {suffix!r} (use TIFF, PNG or OME-Zarr)")
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt files
+        if "imagecodecs" in str(exc):
+            raise ImageReadError(path, f"the file is compressed with a codec that needs the 'imagecodecs' "
+                                       f"package (pip install imagecodecs): {exc}") from exc
         raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 
     data = np.asarray(data)
@@ -62,11 +77,89 @@ def read_image(path, frame: int | None = None, axes: str | None = None) -> np.nd
     if data.ndim == 3 and data.shape[-1] in (3, 4) and suffix in PNG_SUFFIXES:
         # An RGB(A) PNG of a single stain: all planes carry the same grey values.
         data = data[..., 0]
+    return _check_plane(path, data)
+
+
+def _no_pyramid(path: Path, level: int) -> None:
+    if level:
+        raise ImageReadError(path, f"pyramid level {level} requested, but the file holds one resolution")
+
+
+def _read_tiff(path: Path, frame: int | None, axes: str | None, level: int) -> tuple[np.ndarray, bool]:
+    """(data, is_ome): a TIFF's first image series; for an OME-TIFF read without explicit
+    ``axes``, the one channel ``frame`` (first time point, Z projected) at pyramid ``level``."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        if tf.is_ome and axes is None:
+            from .formats import ome_tiff
+
+            return ome_tiff.read_plane(path, frame, level, tiff=tf), True
+        _no_pyramid(path, level)
+        return np.asarray(tf.asarray()), False
+
+
+def _check_plane(path: Path, data: np.ndarray) -> np.ndarray:
     if data.ndim != 2:
         raise ImageReadError(path, f"expected a 2-D single-channel image, got shape {data.shape}")
     if data.dtype.kind not in "uif" or data.dtype == np.bool_:
         raise ImageReadError(path, f"unsupported pixel type {data.dtype}")
     return data
+
+
+def pyramid_shapes(path) -> list[tuple[int, int]]:
+    """(H, W) of each pyramid level of an OME-Zarr image or OME-TIFF, full resolution first;
+    ``[]`` for a file that holds one resolution (its shape is known once decoded)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from .formats import ome_zarr
+
+            return ome_zarr.level_shapes(path)
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            from .formats import ome_tiff
+
+            with tifffile.TiffFile(path) as tf:
+                return ome_tiff.level_shapes(path, tiff=tf) if tf.is_ome else []
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(path, f"cannot read the image header ({type(exc).__name__}: {exc})") from exc
+    return []
+
+
+def channel_stamp(path) -> str:
+    """A cheap change stamp of a channel's data, no content read: ``size:mtime`` of a file, or
+    of an OME-Zarr image's metadata and array files.  Raises OSError when it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        from .formats import ome_zarr
+
+        return ome_zarr.image_stamp(path)
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def channel_digest(row, stain: str) -> str:
+    """Content digest of ``stain``'s image in a fields-table row, the feature cache's key part.
+
+    A regular file: blake2b of its bytes (:func:`napari_cellclip._fsutil.file_digest`).  An
+    OME-Zarr field: blake2b of the image's metadata and every file of its full-resolution
+    array.  Raises :class:`ImageReadError` naming the path when it cannot be read.
+    """
+    path = channel_path(row, stain)
+    try:
+        if path.is_dir():
+            from .formats import ome_zarr
+
+            return ome_zarr.image_digest(path)
+        from ._fsutil import file_digest
+
+        return file_digest(path)
+    except OSError as exc:
+        raise ImageReadError(path, f"file not found or not readable ({exc.strerror or exc})") from None
 
 
 def row_value(row, key):

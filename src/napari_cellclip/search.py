@@ -41,6 +41,8 @@ __all__ = [
     "rank",
     "text_query",
     "image_query",
+    "more_like_this",
+    "control_centered",
     "encode_text_queries",
     "zero_shot",
     "zero_shot_scores",
@@ -242,6 +244,42 @@ def image_query(
         rows = np.concatenate([[row], rows[keep]])[:k]
         scores = np.concatenate([[self_score], scores[keep]])[:k]
     return _results(st, rows, scores)
+
+
+def control_centered(store: EmbeddingStore) -> EmbeddingStore:
+    """The store in the space "change from the plate's negative controls".
+
+    Each plate's mean control embedding (:func:`napari_cellclip.correction.control_mask`:
+    ``Metadata_control_type == "negcon"``, ``Metadata_is_control`` or DMSO; the plate's
+    mean when it has no controls) is subtracted from its rows, which are renormalised.
+    Raw CellCLIP image embeddings of one plate share a large common direction (every
+    field is "cells"), so their cosines all sit near 1; after centring, a cosine compares
+    the *phenotypes*: 1 = the same change from control, 0 = unrelated, < 0 = opposite.
+    Cached on the store.
+    """
+    cached = getattr(store, "_control_centered", None)
+    if cached is not None:
+        return cached
+    from .correction import control_mask, plate_keys
+
+    emb = np.asarray(store.embeddings, dtype=np.float64)
+    ctrl, plates = control_mask(store.fields), plate_keys(store.fields)
+    out = np.empty_like(emb)
+    for plate in np.unique(plates):
+        rows = plates == plate
+        ref = rows & ctrl if (rows & ctrl).any() else rows
+        out[rows] = emb[rows] - emb[ref].mean(axis=0)
+    centred = EmbeddingStore(out, store.fields, store.model_id, level=store.level,
+                             info=dict(store.info, space="control-centred"))
+    store._control_centered = centred
+    return centred
+
+
+def more_like_this(store: EmbeddingStore, row: int, top_k: int | None = 20, level: str = "field") -> pd.DataFrame:
+    """"More like this" ranked by phenotype: :func:`image_query` in the
+    :func:`control_centered` space (``score``: cosine of the changes from the plate's
+    controls; the query itself first with 1.0)."""
+    return image_query(control_centered(_at_level(store, level)), row, top_k, level=level)
 
 
 # ------------------------------------------------------------------ text queries

@@ -320,9 +320,12 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     Hashes, in row order, every ``Metadata_*`` value (annotations and control flags
     change the stored table and the plate-effect correction), every image file
     reference (``FileName_``/``PathName_``/``Frame_`` columns) with the file's size and
-    modification time (cheap; a rewritten image changes the key), and ``model_id``.
+    modification time (:func:`images.channel_stamp`: cheap; a rewritten image or OME-Zarr
+    chunk changes the key), and ``model_id``.
     Returns a 32-character hex string.
     """
+    from .images import channel_stamp
+
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{FORMAT_NAME}:{FORMAT_VERSION}\0{model_id}\0".encode())
     cols = [
@@ -332,17 +335,19 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     cols = sorted(cols, key=str)
     h.update(("\x1f".join(map(str, cols)) + "\0").encode())
     file_cols = [c for c in cols if str(c).startswith("FileName_")]
+    stamps: dict[Path, bytes] = {}  # a multi-channel file / zarr field is stamped once, not per stain
     for row in fields[cols].itertuples(index=False, name=None):
         rec = dict(zip(cols, row))
         h.update("\x1f".join(_key_str(rec[c]) for c in cols).encode())
         for fc in file_cols:
             stain = str(fc)[len("FileName_"):]
             p = Path(str(rec.get(f"PathName_{stain}", "") or "")) / str(rec[fc])
-            try:
-                st = p.stat()
-                h.update(f"|{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"|missing")
+            if p not in stamps:
+                try:
+                    stamps[p] = f"|{channel_stamp(p)}".encode()
+                except (OSError, CellClipError):
+                    stamps[p] = b"|missing"
+            h.update(stamps[p])
         h.update(b"\0")
     return h.hexdigest()
 
