@@ -306,3 +306,44 @@ def test_profiling_cli_mistakes_exit_2(argv, message, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_sister_matching_with_the_cpjump1_tables():
+    """The CP-JUMP1 tables as published (tests/data/cpjump1): compounds find their target's CRISPR
+    guides and ORFs when their profiles share the gene's direction, not when they do not."""
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "cpjump1"
+    specs = [str(data / f"cpjump1_{m}_metadata.tsv") for m in ("compound", "crispr", "orf")]
+    tables = read_sister_tables(specs)
+    assert [t["modality"] for t in tables] == ["compound", "crispr", "orf"]
+    assert tables[0]["genes"]["BRD-K87632963-001-03-0"] == ["ABL1"]
+    assert "BRDN0001147100" not in tables[1]["genes"]  # a non-targeting guide has no gene
+    perts = {"ABL1": ["BRD-K87632963-001-03-0", "BRD-K59831625-001-03-9", "BRDN0001147538", "BRDN0001145303",
+                      "ccsbBroad304_14525"],
+             "ADA": ["BRD-K66788707-001-14-3", "BRD-K91543828-001-02-0", "BRDN0001486925", "BRDN0001479710",
+                     "ccsbBroad304_00023"],
+             "ADH1C": ["BRD-K56810756-003-07-7", "BRD-K55567017-001-12-3", "BRDN0001483052", "BRDN0001479262",
+                       "ccsbBroad304_05777"]}
+    rng = np.random.default_rng(7)
+    direction = {g: rng.normal(size=16) * 3 for g in perts}
+    rows, x = [], []
+    for plate in ("P1", "P2"):
+        for gene, keys in perts.items():
+            for k in keys:
+                own = gene != "ADH1C" or not k.startswith("BRD-K")  # ADH1C's compounds miss their target
+                rows.append({"Metadata_Plate": plate, "Metadata_Well": k[-6:], "Metadata_broad_sample": k})
+                x.append((direction[gene] if own else rng.normal(size=16) * 3) + rng.normal(size=16) * 0.5)
+        for k in ("BRDN0001147100", ""):  # a non-targeting guide and DMSO
+            rows.append({"Metadata_Plate": plate, "Metadata_Well": f"Z{len(k)}", "Metadata_broad_sample": k,
+                         "Metadata_control_type": "negcon"})
+            x.append(rng.normal(size=16) * 0.5)
+    cols = [f"Image_T_{i}" for i in range(16)]
+    p = Profiles(pd.concat([pd.DataFrame(rows), pd.DataFrame(np.array(x), columns=cols)], axis=1), cols, {})
+    rep = _report(p, ["sister"], sister=tuple(specs))["sister"]
+    assert set(rep) == {"compound→crispr", "compound→orf"}
+    for pair in rep.values():
+        assert set(pair["groups"]) == {k for keys in perts.values() for k in keys[:2]}  # the 6 compounds query
+        for k in perts["ABL1"][:2] + perts["ADA"][:2]:
+            assert pair["groups"][k]["mAP"] == 1.0
+        assert all(pair["groups"][k]["mAP"] < 1.0 for k in perts["ADH1C"][:2])
