@@ -146,7 +146,8 @@ def test_center_scale_correction_equals_an_independent_computation(text_dir, fie
 
 # ---------------------------------------------------------------------- store reuse
 class Counter:
-    """Counts fields through the channel encoder and the model's image tower."""
+    """Counts fields through the channel encoder and bags through the model's image tower (each
+    field alone, then each well: the store keeps the model's pooling of a well's fields)."""
 
     def __init__(self, monkeypatch, encoder, model):
         self.fields_encoded = 0
@@ -176,7 +177,7 @@ def test_finished_store_is_reused_without_running_anything(text_dir, fields, tmp
     model = _model(text_dir)
     n = Counter(monkeypatch, encoder, model)
     first = embed_fields(fields, model, encoder=encoder, device="cpu", cache_dir=tmp_path)
-    assert n.reset() == (6, 6)
+    assert n.reset() == (6, 6 + 2)  # 6 fields, then their 2 wells
 
     again = embed_fields(fields, model, encoder=encoder, device="cpu", cache_dir=tmp_path)
     assert n.reset() == (0, 0)  # neither the encoder nor the model ran: the store was reused
@@ -185,7 +186,7 @@ def test_finished_store_is_reused_without_running_anything(text_dir, fields, tmp
 
     # not reused: the feature cache still spares the encoder, the model runs again
     fresh = embed_fields(fields, model, encoder=encoder, device="cpu", cache_dir=tmp_path, reuse=False)
-    assert n.reset() == (0, 6)
+    assert n.reset() == (0, 6 + 2)
     np.testing.assert_allclose(fresh.embeddings, first.embeddings, atol=1e-6)
 
 
@@ -201,13 +202,13 @@ def test_store_is_not_reused_when_the_data_or_the_checkpoint_changed(text_dir, f
     renamed = fields.copy()
     renamed["Metadata_moa"] = "renamed"
     st = embed_fields(renamed, model, encoder=encoder, device="cpu", cache_dir=tmp_path)
-    assert n.reset() == (0, 6) and (st.fields["Metadata_moa"] == "renamed").all()
+    assert n.reset() == (0, 6 + 2) and (st.fields["Metadata_moa"] == "renamed").all()
 
     # another checkpoint (other weights): other vectors
     other = _model(text_dir, seed=1)
     m = Counter(monkeypatch, encoder, other)
     st = embed_fields(fields, other, encoder=encoder, device="cpu", cache_dir=tmp_path)
-    assert m.reset() == (0, 6) and n.reset() == (0, 0)
+    assert m.reset() == (0, 6 + 2) and n.reset() == (0, 0)
     assert st.model_id != first.model_id and not np.allclose(st.embeddings, first.embeddings)
 
     # a rewritten image: only that field is encoded again
@@ -221,6 +222,6 @@ def test_store_is_not_reused_when_the_data_or_the_checkpoint_changed(text_dir, f
     img = plate / moved.loc[5, "FileName_OrigER"]
     Image.fromarray(np.asarray(Image.open(img))[::-1].copy()).save(img)
     st = embed_fields(moved, model, encoder=encoder, device="cpu", cache_dir=tmp_path)
-    assert n.reset() == (1, 6)
+    assert n.reset() == (1, 6 + 2)
     changed = np.flatnonzero(np.abs(st.embeddings - first.embeddings).max(1) > 1e-6)
     assert changed.tolist() == [5]

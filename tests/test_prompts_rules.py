@@ -72,7 +72,10 @@ def test_controls_with_and_without_a_compound():
 def test_genetic_controls_and_errors():
     assert crispr_prompt("KCNN1", "ACGT", cell="U2OS", control="negcon") == GENETIC_CONTROL
     assert crispr_prompt(None, None, cell="U2OS", control="no_guide") == GENETIC_CONTROL
-    assert orf_prompt("KCNN1", cell="U2OS", control="poscon") == GENETIC_CONTROL
+    # a genetic positive control has its gene's phenotype: its gene's text, unless every control is alike
+    assert orf_prompt("KCNN1", cell="U2OS", control="poscon") == "U2OS cells treated with orf, targeting genes: KCNN1"
+    assert orf_prompt("KCNN1", cell="U2OS", control="poscon",
+                      templates=PromptTemplates(poscon_as_control=True)) == GENETIC_CONTROL
     with pytest.raises(MetadataError, match="CRISPR prompt needs the targeted gene"):
         crispr_prompt(None, "ACGT", cell="U2OS")
     with pytest.raises(MetadataError, match="ORF prompt needs the overexpressed gene"):
