@@ -215,9 +215,10 @@ class _FieldDataset:
     """Map-style dataset over fields to decode: item → (pos, array | None, message | None)."""
 
     def __init__(self, rows: list[dict], positions: list[int], stains: list[str], low: float, high: float,
-                 ranges: list | None = None):
+                 ranges: list | None = None, prep=None):
         self.rows, self.positions, self.stains = rows, positions, stains
         self.low, self.high = low, high
+        self.prep = prep  # the encoder's field_prep: raw field, ranges -> prepared array (in the worker)
         self.ranges = ranges if ranges is not None else [None] * len(rows)
 
     def __len__(self) -> int:
@@ -228,7 +229,9 @@ class _FieldDataset:
 
         pos = self.positions[i]
         try:
-            if self.ranges[i] is None:
+            if self.prep is not None:
+                arr = self.prep(load_field(self.rows[i], self.stains), self.ranges[i])
+            elif self.ranges[i] is None:
                 arr = load_field_normalized(self.rows[i], self.stains, low=self.low, high=self.high)
             else:
                 arr = normalize_range(load_field(self.rows[i], self.stains), self.ranges[i])
@@ -306,6 +309,8 @@ def extract_features(
     stains = list(stains) if stains is not None else _stains_of(fields)
     if not stains:
         raise CellClipError("the fields table has no FileName_Orig<stain> columns; no channels to encode")
+    if hasattr(encoder, "with_stains"):  # encoders that must know which channel is which (cells)
+        encoder = encoder.with_stains(stains)
     n = len(fields)
     c, d = len(stains), int(encoder.dim)
     batch_size = max(1, int(batch_size))
@@ -349,7 +354,9 @@ def extract_features(
 
     if todo:
         _stop()
-        dataset = _FieldDataset([rows[p] for p in todo], todo, stains, low, high, [ranges[p] for p in todo])
+        prep = encoder.field_prep(stains, low=low, high=high) if hasattr(encoder, "field_prep") else None
+        dataset = _FieldDataset([rows[p] for p in todo], todo, stains, low, high, [ranges[p] for p in todo],
+                                prep=prep)
         workers = max(0, int(num_workers))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -362,7 +369,7 @@ def extract_features(
                 for pos, arr, err in batch:
                     if arr is None:
                         errors[pos] = err
-                    elif arr.shape[0] != c:
+                    elif prep is None and arr.shape[0] != c:
                         errors[pos] = (f"field at row {pos}: {arr.shape[0]} channels, expected {c}", None)
                     else:
                         groups.setdefault(arr.shape, []).append((pos, arr))
