@@ -56,8 +56,7 @@ def segmentation_layer_data(row, stains, *, nuclei_stain: str = "DNA", cell_stai
     meta = {_SEG_KEY: {"field": key, "n_cells": seg.n, "note": seg.note,
                        "nuclei_stain": nuclei_stain, "cell_stain": cell_stain}}
     return [(seg.nuclei, {"name": LAYER_NAMES[0], "metadata": dict(meta), "opacity": 0.5}, "labels"),
-            (seg.cells, {"name": LAYER_NAMES[1], "metadata": dict(meta), "opacity": 0.35,
-                         "contour": 2}, "labels")]
+            (seg.cells, {"name": LAYER_NAMES[1], "metadata": dict(meta), "opacity": 0.6}, "labels")]
 
 
 class SegmentationWidget(QWidget):
@@ -163,10 +162,13 @@ class SegmentationWidget(QWidget):
                 layer.data = data
                 layer.metadata.update(kwargs["metadata"])
             else:
-                self.viewer.add_labels(data, **kwargs)
+                layer = self.viewer.add_labels(data, **kwargs)
+                if name == LAYER_NAMES[1]:
+                    layer.contour = 2  # cells as outlines over the stains, nuclei filled
         info = layer_data[0][1]["metadata"][_SEG_KEY]
         _plate, well, site = info["field"]
-        self.status.setText(f"{well} site {site}: {info['n_cells']} cells" + (f" ({info['note']})" if info["note"] else ""))
+        note = f" ({info['note']})" if info["note"] else ""
+        self.status.setText(f"{well} site {site}: {info['n_cells']} cells{note}")
 
     def _finished(self) -> None:
         if self._pending:
