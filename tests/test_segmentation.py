@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from napari_cellclip.errors import CellClipError
-from napari_cellclip.segmentation import SegmentationParams, cytoplasm_of, segment_field
+from napari_cellclip.segmentation import SegmentationParams, centre_agreement, cytoplasm_of, segment_field
 
 STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
@@ -123,23 +123,22 @@ def test_bad_settings_are_clear_errors(bad, match):
 
 
 # ------------------------------------------------------------------ real data vs CellProfiler
-def cellprofiler_agreement(labels: np.ndarray, centres: np.ndarray) -> tuple[float, float, float]:
-    """(share of CellProfiler centres inside one of our nuclei, share matched one to one, count ratio)."""
-    h, w = labels.shape
-    xi = np.clip(np.rint(centres[:, 0]).astype(int), 0, w - 1)
-    yi = np.clip(np.rint(centres[:, 1]).astype(int), 0, h - 1)
-    hit = labels[yi, xi]
-    inside = hit > 0
-    per_nucleus = np.bincount(hit[inside], minlength=int(labels.max()) + 1)
-    one_to_one = inside & (per_nucleus[hit] == 1)
-    return float(inside.mean()), float(one_to_one.mean()), float(labels.max()) / max(len(centres), 1)
+def test_centre_agreement_counts_hits_and_shared_objects():
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:8, 2:8] = 1
+    labels[10:18, 10:18] = 2
+    centres = np.array([[4, 4], [12, 12], [15, 15], [1, 18]], float)  # x, y: 1 alone, 2 twice, one miss
+    a = centre_agreement(labels, centres)
+    assert a == {"inside": 0.75, "one_to_one": 0.25, "count_ratio": 0.5, "objects": 2, "centres": 4}
 
 
 def test_bundled_lincs_fields_agree_with_cellprofiler_nuclei():
-    """Thresholds from benchmarks/segmentation_check.py over all 108 LINCS fields (README):
-    99.3 % of CellProfiler's centres fall in one of our nuclei, 94 % one to one, count
-    ratio median 1.04 (range 0.93-3.0, the 3.0 a field with one cell).  The 12 bundled
-    fields must keep within a few points of that."""
+    """benchmarks/segmentation_check.py over all 108 LINCS fields: 99.3 % of CellProfiler's
+    nucleus centres fall in one of our nuclei (worst field 91.7 %), 94.1 % one to one
+    (worst 78.7 %), count ratio median 1.04 (5-95 %: 0.96-1.15; 3.0 on a field with one
+    cell).  The 12 bundled fields score 99.2 %, 89.6 % and 0.93-1.07; the thresholds
+    leave room for library versions, not for a broken segmentation (e.g. without
+    declumping, one to one falls to 0.68 and the count ratio to 0.75)."""
     from napari_cellclip.images import load_field
     from napari_cellclip.sample import load_sample_fields, sample_plate_dir
 
@@ -151,9 +150,8 @@ def test_bundled_lincs_fields_agree_with_cellprofiler_nuclei():
         csv = nuclei_dir / str(row["Metadata_Plate"]) / f"{row['Metadata_Well']}-{row['Metadata_Site']}-Nuclei.csv"
         centres = pd.read_csv(csv)[["Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"]].to_numpy()
         seg = segment_field(load_field(row, STAINS), STAINS, params=params)
-        a, b, r = cellprofiler_agreement(seg.nuclei, centres)
-        inside.append(a), one.append(b), ratios.append(r)
-    assert np.mean(inside) >= 0.97
-    assert np.mean(one) >= 0.88
-    assert min(inside) >= 0.9
-    assert 0.85 <= np.median(ratios) <= 1.2 and 0.75 <= min(ratios) and max(ratios) <= 1.35
+        agree = centre_agreement(seg.nuclei, centres)
+        inside.append(agree["inside"]), one.append(agree["one_to_one"]), ratios.append(agree["count_ratio"])
+    assert np.mean(inside) >= 0.97 and min(inside) >= 0.9
+    assert np.mean(one) >= 0.85
+    assert 0.85 <= min(ratios) and max(ratios) <= 1.2

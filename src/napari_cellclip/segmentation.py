@@ -40,8 +40,8 @@ import numpy as np
 
 from .errors import CellClipError
 
-__all__ = ["THRESHOLD_METHODS", "Segmentation", "SegmentationParams", "cytoplasm_of", "segment_cells",
-           "segment_field", "segment_nuclei"]
+__all__ = ["THRESHOLD_METHODS", "Segmentation", "SegmentationParams", "centre_agreement", "cytoplasm_of",
+           "segment_cells", "segment_field", "segment_nuclei"]
 
 #: global threshold methods: ``otsu`` (two classes), ``otsu3`` (three classes, the
 #: middle class to the foreground) and ``li`` (minimum cross-entropy)
@@ -310,3 +310,25 @@ def segment_field(raw: np.ndarray, stains: Sequence[str], *, nuclei_stain: str =
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm_of(cells, nuclei),
                         nuclei_threshold=t_nuc, cell_threshold=t_cell, note=note,
                         extra={"n_found": int(objects.max(initial=0))})
+
+
+def centre_agreement(labels: np.ndarray, centres: np.ndarray) -> dict:
+    """How a label image agrees with reference object centres ``(N, 2)`` (x, y in pixels).
+
+    ``inside``: share of the centres that fall in an object; ``one_to_one``: share that
+    fall in an object holding no other centre; ``count_ratio``: objects / centres.
+    """
+    centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
+    n_obj = int(labels.max(initial=0))
+    if len(centres) == 0:
+        return {"inside": float("nan"), "one_to_one": float("nan"), "count_ratio": float("nan"),
+                "objects": n_obj, "centres": 0}
+    h, w = labels.shape
+    xi = np.clip(np.rint(centres[:, 0]).astype(int), 0, w - 1)
+    yi = np.clip(np.rint(centres[:, 1]).astype(int), 0, h - 1)
+    hit = labels[yi, xi]
+    inside = hit > 0
+    per_object = np.bincount(hit[inside], minlength=n_obj + 1)
+    one_to_one = inside & (per_object[hit] == 1)
+    return {"inside": float(inside.mean()), "one_to_one": float(one_to_one.mean()),
+            "count_ratio": n_obj / len(centres), "objects": n_obj, "centres": int(len(centres))}
