@@ -186,10 +186,16 @@ def test_morphology_plus_cells_concatenates_per_channel(sample_features):
     from napari_cellclip.encoders.concat import ConcatEncoder
     from napari_cellclip.features import extract_features
 
-    fields, cache, _res = sample_features
+    fields, cache, res = sample_features
     enc = get_encoder("morphology+cells")
     assert isinstance(enc, ConcatEncoder) and enc.dim == 128 + D and enc.spec == "morphology+cells"
     assert "morph-v1" in enc.identity and VERSION in enc.identity
+    # each part comes from its own cache entries: the cells features of the fixture are reused
+    seen = []
+    both_plate = extract_features(fields, enc, cache_dir=cache, normalization="plate",
+                                  progress=lambda d, t: seen.append((d, t)))
+    np.testing.assert_array_equal(both_plate.features[..., 128:], res.features)
+    assert both_plate.n_cached == 0 and seen[-1] == (24, 24) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     sub = fields.iloc[[0, 7]].reset_index(drop=True)
     both = extract_features(sub, enc, cache_dir=cache, normalization="field")
     morph = extract_features(sub, "morphology", cache_dir=cache, normalization="field")

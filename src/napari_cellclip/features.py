@@ -311,6 +311,10 @@ def extract_features(
         raise CellClipError("the fields table has no FileName_Orig<stain> columns; no channels to encode")
     if hasattr(encoder, "with_stains"):  # encoders that must know which channel is which (cells)
         encoder = encoder.with_stains(stains)
+    if getattr(encoder, "parts", None):  # "morphology+cells": each part through its own cache entries
+        return _extract_concat(fields, encoder.parts, stains, progress, dict(
+            cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, should_stop=should_stop,
+            use_cache=use_cache, low=low, high=high, normalization=normalization))
     n = len(fields)
     c, d = len(stains), int(encoder.dim)
     batch_size = max(1, int(batch_size))
@@ -411,3 +415,19 @@ def extract_features(
         np.zeros((0, c, d), dtype=np.float32)
     return FeatureResult(features=feats, index=order, skipped=skipped, stains=stains,
                          n_cached=n_cached, n_encoded=len(order) - n_cached)
+
+
+def _extract_concat(fields, parts, stains, progress, kw) -> FeatureResult:
+    """Features of a concatenated encoder: each part's (cached under its own identity, so
+    ``cells`` features computed once serve ``cells`` and ``morphology+cells``), joined per channel."""
+    n, k = len(fields), len(parts)
+    results = []
+    for i, part in enumerate(parts):
+        prog = None if progress is None else (lambda d, _t, i=i: progress(i * n + d, k * n))
+        results.append(extract_features(fields, part, stains=stains, progress=prog, **kw))
+    keep = np.asarray(sorted(set.intersection(*[set(r.index.tolist()) for r in results])), dtype=np.int64)
+    feats = np.concatenate([r.features[np.searchsorted(r.index, keep)] for r in results], axis=-1)
+    skipped = sorted({pos: msg for r in results for pos, msg in r.skipped}.items())
+    return FeatureResult(features=np.ascontiguousarray(feats, dtype=np.float32), index=keep, skipped=skipped,
+                         stains=list(stains), n_cached=min(r.n_cached for r in results),
+                         n_encoded=max(r.n_encoded for r in results))

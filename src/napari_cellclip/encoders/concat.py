@@ -3,6 +3,9 @@
 Each channel's feature vector is the concatenation of the parts' vectors for that
 channel, in the order of the spec: ``(B, C, D1 + D2 + ...)``.  The identity names
 every part's identity, so a cache entry or checkpoint knows all of them.
+:func:`napari_cellclip.features.extract_features` extracts each part on its own (and
+caches it under the part's identity), so the costly ``cells`` part is measured once
+for ``cells`` and ``morphology+cells`` alike.
 
 Worker-side preparation (``field_prep(stains)``) runs every part's preparation and
 packs the results into one flat float32 vector per field: a header
