@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--val-plate", action="append", metavar="PLATE", help="hold out this plate for validation (repeat)")
     f.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="output folder")
     m = f.add_argument_group("model")
-    m.add_argument("--encoder", default=D["encoder"], help="frozen channel encoder: morphology | hf:<id or dir>")
+    m.add_argument("--encoder", default=D["encoder"],
+                   help="frozen channel encoder: morphology | cells[:cell=AGP,...] | hf:<id or dir> | a+b "
+                        "(e.g. morphology+cells)")
     m.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"],
                    help="rescale channels by their plate's intensity percentiles (keeps intensity "
                         "differences between wells) or by each field's own; recorded in the checkpoint")
