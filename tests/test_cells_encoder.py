@@ -229,3 +229,15 @@ def test_training_fits_and_evaluates_on_cells_features(sample_features, tmp_path
     assert model.config.image_encoder == "cells" and model.config.vision_width == D
     rep = evaluate(summary["model"], cache_dir=str(cache), quiet=True, no_progress=True)
     assert rep["n_fields"] == 12
+    # the plugin's embedding path (cached features) and the sharded job (measures in-process) take it too
+    from napari_cellclip.embed import embed_fields, load_model
+    from napari_cellclip.pipeline import run_job
+    from napari_cellclip.store import EmbeddingStore
+
+    fields = _fields
+    store = embed_fields(fields, load_model(summary["model"]), cache_dir=str(cache), reuse=False)
+    assert store.embeddings.shape[0] == 12 and store.info["image_encoder"] == "cells"
+    two = fields.iloc[[0, 9]].reset_index(drop=True)  # a DMSO field and a lonafarnib field
+    run_job(two, summary["model"], tmp_path / "job", quiet=True)
+    job = EmbeddingStore.load(tmp_path / "job")
+    assert job.embeddings.shape[0] == 2 and np.isfinite(job.embeddings).all()

@@ -499,6 +499,8 @@ def run_job(
         encoder = _build_encoder(cfg.image_encoder, dev, n_crops=n_crops, batch_size=batch_size,
                                  channels=len(stains), compile_=compile,
                                  options=_parse_options(encoder_options))
+    if stains and hasattr(encoder, "with_stains"):  # encoders that must know which channel is which (cells)
+        encoder = encoder.with_stains(stains)
     width = getattr(cfg, "vision_width", None)
     if width is not None and int(encoder.dim) != int(width):
         raise CellClipError(f"the image encoder gives {encoder.dim}-dim features but the checkpoint expects {width}")
