@@ -32,6 +32,37 @@ def _timed(fn, n_calls: int = 1) -> float:
     return time.perf_counter() - t0
 
 
+def _groups(seg, unit):
+    """The encoder's measurement groups and the left-out ones, as calls over one field."""
+    from cp_measure.core import measurecolocalization as mc
+    from cp_measure.core import measureobjectintensity as mi
+    from cp_measure.core import measureobjectintensitydistribution as md
+    from cp_measure.core import measureobjectsizeshape as ms
+    from cp_measure.core import measuretexture as mt
+
+    from napari_cellclip import cellfeatures as F
+
+    comps = [seg.nuclei, seg.cells, seg.cytoplasm]
+    runs = {
+        "intensity": lambda: [F._intensity(m, unit[c]) for c in range(5) for m in comps],
+        "texture (numba)": lambda: [F._texture(m, unit[c]) for c in range(5) for m in comps],
+        "granularity": lambda: [F._granularity(seg.cells, unit[c]) for c in range(5)],
+        "correlation": lambda: [F._pearson(unit[c], unit[o], seg.cells) for c, o in
+                                [(1, 0), (2, 0), (3, 0), (4, 0), (1, 2), (3, 2), (4, 2)]],
+        "shape": lambda: [F._shape(seg.nuclei), F._shape(seg.cells)],
+    }
+    skipped = {
+        "radial distribution": lambda: [md.get_radial_distribution(seg.cells, unit[c]) for c in range(5)],
+        "zernike shape": lambda: [ms.get_zernike(m, None) for m in comps],
+        "costes colocalisation": lambda: [mc.get_correlation_costes(unit[c], unit[0], seg.cells, scale_max=255)
+                                          for c in range(1, 5)],
+        "intensity edges": lambda: [mi.get_intensity(m, unit[c], edge_measurements=True)
+                                    for c in range(5) for m in comps],
+        "texture (mahotas)": lambda: [mt.get_texture(seg.cells, unit[c], 3, 256) for c in range(5)],
+    }
+    return runs, skipped
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=str(DATA_ROOT))
@@ -42,11 +73,6 @@ def main(argv=None) -> int:
     import warnings
 
     import numpy as np
-    from cp_measure.core import measurecolocalization as mc
-    from cp_measure.core import measureobjectintensity as mi
-    from cp_measure.core import measureobjectintensitydistribution as md
-    from cp_measure.core import measureobjectsizeshape as ms
-    from cp_measure.core import measuretexture as mt
 
     from napari_cellclip import cellfeatures as F
     from napari_cellclip.images import load_field, normalize
@@ -68,24 +94,7 @@ def main(argv=None) -> int:
         used["segmentation"] = used.get("segmentation", 0) + time.perf_counter() - t0
         unit = normalize(raw).astype(np.float64)
         cells += seg.n
-        comps = [seg.nuclei, seg.cells, seg.cytoplasm]
-        runs = {
-            "intensity": lambda: [F._intensity(m, unit[c]) for c in range(5) for m in comps],
-            "texture (numba)": lambda: [F._texture(m, unit[c]) for c in range(5) for m in comps],
-            "granularity": lambda: [F._granularity(seg.cells, unit[c]) for c in range(5)],
-            "correlation": lambda: [F._pearson(unit[c], unit[o], seg.cells) for c, o in
-                                    [(1, 0), (2, 0), (3, 0), (4, 0), (1, 2), (3, 2), (4, 2)]],
-            "shape": lambda: [F._shape(seg.nuclei), F._shape(seg.cells)],
-        }
-        skipped = {
-            "radial distribution": lambda: [md.get_radial_distribution(seg.cells, unit[c]) for c in range(5)],
-            "zernike shape": lambda: [ms.get_zernike(m, None) for m in comps],
-            "costes colocalisation": lambda: [mc.get_correlation_costes(unit[c], unit[0], seg.cells, scale_max=255)
-                                              for c in range(1, 5)],
-            "intensity edges": lambda: [mi.get_intensity(m, unit[c], edge_measurements=True)
-                                        for c in range(5) for m in comps],
-            "texture (mahotas)": lambda: [mt.get_texture(seg.cells, unit[c], 3, 256) for c in range(5)],
-        }
+        runs, skipped = _groups(seg, unit)
         for k, fn in runs.items():
             used[k] = used.get(k, 0) + _timed(fn)
         for k, fn in skipped.items():

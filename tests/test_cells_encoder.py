@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_segmentation import CENTERS, STAINS, synthetic_field
 
 from napari_cellclip.cellfeatures import (
     CHANNEL_FEATURES,
@@ -23,8 +24,7 @@ from napari_cellclip.cellfeatures import (
 from napari_cellclip.encoders import get_encoder
 from napari_cellclip.encoders.cells import CellFieldPrep, CellsEncoder, field_profile_of
 from napari_cellclip.errors import CellClipError, CellClipWarning
-from napari_cellclip.segmentation import SegmentationParams, segment_field
-from test_segmentation import CENTERS, STAINS, synthetic_field
+from napari_cellclip.segmentation import segment_field
 
 D = 200
 
@@ -58,7 +58,7 @@ def test_feature_list_is_fixed_and_documented():
 
 
 def test_profile_shape_order_and_values(synthetic):
-    raw, seg, m = synthetic
+    _raw, seg, m = synthetic
     assert m.channel.shape == (len(CENTERS), 5, 76) and m.shape.shape == (len(CENTERS), 20)
     p = field_profile(m, seg)
     assert p.shape == (5, D) and p.dtype == np.float32 and np.isfinite(p).all()

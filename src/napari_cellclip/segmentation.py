@@ -331,4 +331,4 @@ def centre_agreement(labels: np.ndarray, centres: np.ndarray) -> dict:
     per_object = np.bincount(hit[inside], minlength=n_obj + 1)
     one_to_one = inside & (per_object[hit] == 1)
     return {"inside": float(inside.mean()), "one_to_one": float(one_to_one.mean()),
-            "count_ratio": n_obj / len(centres), "objects": n_obj, "centres": int(len(centres))}
+            "count_ratio": n_obj / len(centres), "objects": n_obj, "centres": len(centres)}

@@ -34,7 +34,7 @@ from .state import FIELDS_KEY
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["SegmentationWidget", "segmentation_layer_data", "LAYER_NAMES"]
+__all__ = ["LAYER_NAMES", "SegmentationWidget", "segmentation_layer_data"]
 
 #: names of the two Labels layers the widget keeps up to date
 LAYER_NAMES = ("nuclei", "cells")
