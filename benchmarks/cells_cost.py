@@ -6,7 +6,9 @@ and texture, 5 stains x cells for granularity, 7 stain pairs for correlation, 2
 compartments for shape), and, for comparison, the cp-measure groups it leaves out at
 the same call counts (radial distribution, Zernike shape, Costes colocalisation,
 intensity edges, texture through mahotas instead of the numba kernel).  Prints each as
-a share of the encoder's own time per field, so the ratios hold on a loaded machine.
+a share of the encoder's own time per field, so the ratios hold on a loaded machine, and the
+CPU seconds per field of the whole cells encoder and of ``morphology`` (process CPU time,
+one thread: the cost on one core, which a loaded machine does not inflate much).
 
     python benchmarks/cells_cost.py [--fields 6] [--data-root ../shared/data/lincs-a549]
 """
@@ -63,6 +65,29 @@ def _groups(seg, unit):
     return runs, skipped
 
 
+def _cpu_seconds(fields, stains) -> dict:
+    """CPU seconds per field (this process, all its threads) of the cells encoder's worker-side
+    prep and of morphology (normalise + encode): the cost on one core, whatever the machine's load."""
+    import torch
+
+    from napari_cellclip.encoders import get_encoder
+    from napari_cellclip.images import load_field, normalize
+
+    raws = [load_field(fields.iloc[i], stains) for i in range(len(fields))]
+    prep = get_encoder("cells").field_prep(stains)
+    morph = get_encoder("morphology", device="cpu")
+    torch.set_num_threads(1)
+    out = {}
+    for name, fn in (("cells", lambda r: prep(r)),
+                     ("morphology", lambda r: morph.encode(torch.from_numpy(normalize(r))[None]))):
+        fn(raws[0])  # warm-up (imports, numba cache)
+        t0 = time.process_time()
+        for r in raws:
+            fn(r)
+        out[name] = round((time.process_time() - t0) / len(raws), 3)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default=str(DATA_ROOT))
@@ -101,8 +126,10 @@ def main(argv=None) -> int:
             left_out[k] = left_out.get(k, 0) + _timed(fn)
     n = len(pick)
     total = sum(used.values())
+    cpu = _cpu_seconds(fields.iloc[pick], stains)
     out = {"fields": int(n), "cells_per_field": round(cells / n, 1), "seconds_per_field": round(total / n, 3),
-           "load_average": os.getloadavg()[0],
+           "load_average": os.getloadavg()[0], "cpu_seconds_per_field": cpu,
+           "fields_per_second_on_2_cores_from_cpu_time": {k: round(2 / v, 2) for k, v in cpu.items()},
            "share_of_encoder_time": {k: round(v / total, 3) for k, v in used.items()},
            "left_out_relative_to_encoder_time": {k: round(v / total, 3) for k, v in left_out.items()},
            "note": "texture (mahotas) is for the cells compartment only (5 calls); the encoder's numba "
