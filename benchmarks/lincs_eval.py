@@ -31,7 +31,15 @@ The file in the repository was written by
         --corrections tvn center_scale none --normalizations plate field
 
 (the first summary row, cwcl + multipositive + tvn, is the default; the
-specified split is the SQ00015231 rows of it).
+specified split is the SQ00015231 rows of it).  benchmarks/lincs_eval_encoders.json
+(the encoder comparison) was written by
+
+    OMP_NUM_THREADS=1 python benchmarks/lincs_eval.py --encoders morphology cells \
+        morphology+cells --workers 2 --holdouts all --seeds 0 1 2 --corrections tvn \
+        --speed-fields 0 --output benchmarks/lincs_eval_encoders.json
+
+(OMP_NUM_THREADS=1: on a machine whose cores are shared, torch's intra-op threads
+made each training step ~30x slower).
 Writes --output (default benchmarks/lincs_eval.json) and prints a summary table.
 """
 
