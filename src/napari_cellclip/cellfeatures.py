@@ -184,6 +184,8 @@ def _stain_features(field: np.ndarray, c: int, seg: Segmentation, anchors: tuple
 def measure_cells(field: np.ndarray, seg: Segmentation, stains: Sequence[str], *, nuclei_stain: str = "DNA",
                   cell_stain: str = "RNA") -> CellMeasurements:
     """Per-cell measurements of ``field`` (C, H, W) float in [0, 1] on the masks ``seg``."""
+    from scipy import ndimage as ndi
+
     from .segmentation import _stain_index
 
     field = np.asarray(field)
@@ -201,8 +203,6 @@ def measure_cells(field: np.ndarray, seg: Segmentation, stains: Sequence[str], *
     nuc, cel = _shape(seg.nuclei), _shape(seg.cells)
     cyto_area = np.bincount(seg.cytoplasm.ravel(), minlength=n + 1)[1:].astype(np.float64)
     shape = np.concatenate([nuc, cel, cyto_area[:, None], (nuc[:, 0] / np.maximum(cel[:, 0], 1))[:, None]], 1)
-    from scipy import ndimage as ndi
-
     cy_cx = np.asarray(ndi.center_of_mass(np.ones_like(seg.nuclei), seg.nuclei, np.arange(1, n + 1)))
     return CellMeasurements(channel, shape, cy_cx[:, ::-1].copy(), tuple(stains))
 
