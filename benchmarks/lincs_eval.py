@@ -19,7 +19,7 @@
 
     python benchmarks/lincs_eval.py [--data-root ../shared/data/lincs-a549]
         [--encoders morphology cells morphology+cells] [--workers 2] [--speed-fields 24]
-        [--output benchmarks/lincs_eval.json] [--workdir DIR] [--cache-dir DIR]
+        [--output benchmarks/lincs_eval.json | --no-write] [--workdir DIR] [--cache-dir DIR]
         [--holdouts SQ00015231 | all] [--losses cwcl siglip clip]
         [--batchings multipositive distinct] [--corrections tvn center_scale none]
         [--normalizations plate field]
@@ -40,7 +40,10 @@ specified split is the SQ00015231 rows of it).  benchmarks/lincs_eval_encoders.j
 
 (OMP_NUM_THREADS=1: on a machine whose cores are shared, torch's intra-op threads
 made each training step ~30x slower).
-Writes --output (default benchmarks/lincs_eval.json) and prints a summary table.
+Writes --output (default benchmarks/lincs_eval.json; nothing with --no-write) and prints a
+summary table.  The plates are read from --data-root, by default ``../shared/data/lincs-a549``
+beside the repository (the layout of shared/data/README.md; $NAPARI_CELLCLIP_LINCS_DATA
+overrides it).
 """
 
 from __future__ import annotations
@@ -60,42 +63,63 @@ sys.path.insert(0, str(HERE.parent))  # the repository's training/ package
 PLATES = ["SQ00015198", "SQ00015230", "SQ00015231"]
 TRAIN = ["SQ00015198", "SQ00015230"]
 TEST = "SQ00015231"
-#: ../shared/data/lincs-a549 from the repository root
-DATA_ROOT = HERE.parent.parent / "shared" / "data" / "lincs-a549"
+
+
+def default_data_root() -> Path:
+    """``$NAPARI_CELLCLIP_LINCS_DATA``, else ``../shared/data/lincs-a549`` beside the repository."""
+    env = os.environ.get("NAPARI_CELLCLIP_LINCS_DATA")
+    return Path(env) if env else HERE.parent.parent / "shared" / "data" / "lincs-a549"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(DATA_ROOT),
-                   help="the LINCS A549 data (default: ../shared/data/lincs-a549 beside the repository)")
+    p = argparse.ArgumentParser(
+        description="How well CellCLIP, trained on two real LINCS Cell Painting plates, names the compound of "
+                    "the wells and fields of the third plate, next to a simple nearest-average rule on "
+                    "intensity measurements.  Prints a table; about 10 seconds per trained model once the "
+                    "image features are cached.",
+        epilog="Each combination of --encoders, --holdouts, --normalizations, --losses, --batchings, "
+               "--corrections and --seeds trains one model.")
+    p.add_argument("--data-root", type=Path, default=default_data_root(),
+                   help="folder with the LINCS plates (images/, platemap/), default: ../shared/data/lincs-a549 "
+                        "beside the repository, or $NAPARI_CELLCLIP_LINCS_DATA (now: %(default)s)")
     p.add_argument("--encoders", nargs="+", default=["morphology"],
-                   help="frozen encoder specs compared on the same folds (fit --encoder)")
+                   help="frozen encoder specs compared on the same folds, as fit --encoder (default: morphology)")
     p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader workers for feature extraction (the cells encoder measures in them)")
+                   help="DataLoader workers for feature extraction; the cells encoder measures in them (default: 0)")
     p.add_argument("--speed-fields", type=int, default=24,
-                   help="fields extracted from nothing per encoder to report fields/s (0: skip)")
-    p.add_argument("--output", default=str(HERE / "lincs_eval.json"))
-    p.add_argument("--workdir", default=None, help="keep every run's checkpoint here (default: a temp dir, each checkpoint deleted "
-                        "once evaluated: about 185 MB each, the text encoder included)")
+                   help="fields extracted from nothing per encoder to report fields/s (0: skip; default: 24)")
+    p.add_argument("--output", default=str(HERE / "lincs_eval.json"),
+                   help="where to write every number as JSON (default: benchmarks/lincs_eval.json)")
+    p.add_argument("--no-write", action="store_true", help="only print the table; write no file")
+    p.add_argument("--workdir", default=None,
+                   help="keep every trained model in this folder (default: a temporary folder; each model, about "
+                        "185 MB with its text encoder, is deleted once evaluated)")
     p.add_argument("--cache-dir", default=None,
-                   help="feature cache (default: a fresh temp dir, so the wall time includes extraction)")
-    p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"])
+                   help="image-feature cache to reuse (default: a new temporary one, so the time measured "
+                        "includes computing the features)")
+    p.add_argument("--corrections", nargs="+", default=["tvn", "center_scale", "none"],
+                   help="plate-effect corrections to compare: tvn, center_scale, none (default: all three)")
     p.add_argument("--normalizations", nargs="+", default=["plate"], choices=["plate", "field"],
-                   help="input normalisation of the channels (fit --normalization)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--losses", nargs="+", default=["cwcl"])
-    p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"])
+                   help="how image intensities are rescaled: per plate or per field (default: plate)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="random seeds; each trains a model (default: 0)")
+    p.add_argument("--losses", nargs="+", default=["cwcl"], help="training losses: cwcl, clip, siglip (default: cwcl)")
+    p.add_argument("--batchings", nargs="+", default=["multipositive"], choices=["multipositive", "distinct"],
+                   help="how training batches are drawn (default: multipositive)")
     p.add_argument("--holdouts", nargs="+", default=[TEST],
-                   help="held-out plates (each trained on the other two); 'all' = leave each plate out")
-    p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fit", default="", help="extra fit options as JSON, e.g. '{\"epochs\": 80}'")
+                   help=f"plates to hold out, each in turn, training on the other two; 'all' holds out each "
+                        f"plate (default: {TEST})")
+    p.add_argument("--skip-baseline", action="store_true", help="leave out the nearest-average rule")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    p.add_argument("--fit", default="", help="more training options as JSON, e.g. '{\"epochs\": 80}'")
     a = p.parse_args(argv)
+    if not (Path(a.data_root) / "images").is_dir():
+        p.error(f"no LINCS plates in {a.data_root} (expected its images/ and platemap/ folders): "
+                "give --data-root or set NAPARI_CELLCLIP_LINCS_DATA")
 
     import torch
 
     from training.baseline import run_baseline
-    from training.loop import load_fields
+    from napari_cellclip.fields import read_fields
 
     root = Path(a.data_root)
     plate = lambda b: str(root / "images" / b)  # noqa: E731
@@ -109,7 +133,7 @@ def main(argv=None) -> int:
 
     if not a.skip_baseline:
         t0 = time.perf_counter()
-        fields = load_fields([plate(b) for b in TRAIN + [TEST]], platemap=platemap)
+        fields = read_fields([plate(b) for b in TRAIN + [TEST]], platemap=platemap, cell_line="A549")
         base = run_baseline(fields)
         for k in ("without_correction", "with_center_scale"):
             for pp in base[k]["per_plate"].values():
@@ -118,7 +142,7 @@ def main(argv=None) -> int:
         report["baseline"] = base
 
     if a.speed_fields > 0:
-        fields = load_fields([plate(b) for b in PLATES], platemap=platemap)
+        fields = read_fields([plate(b) for b in PLATES], platemap=platemap, cell_line="A549")
         report["encoder_speed"] = encoder_speed(fields, a.encoders, a.speed_fields, a.workers, a.normalizations[0],
                                                 a.device)
 
@@ -153,7 +177,8 @@ def main(argv=None) -> int:
     report["summary"] = _summarise(report["runs"])
     for row in report["summary"]:
         print("mean over seeds/holdouts:", json.dumps(row))
-    Path(a.output).write_text(json.dumps(report, indent=2, default=str))
+    if not a.no_write:
+        Path(a.output).write_text(json.dumps(report, indent=2, default=str))
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.output}")
@@ -169,14 +194,14 @@ def _fit_and_evaluate(plate, platemap, work, cache, a, extra, *, enc, held, norm
     tag = enc.replace("+", "_").replace(":", "_").replace(",", "_").replace("=", "-")
     out = work / f"fit-{tag}-{held}-{norm}-{loss}-{batching}-{corr}-s{seed}"
     t0 = time.perf_counter()
-    opts = {"num_workers": a.workers, **extra}
+    opts = {"workers": a.workers, **extra}
     summary = fit(data=[plate(b) for b in train], platemap=platemap, output=str(out), encoder=enc,
                   correction=corr, seed=seed, loss=loss, batching=batching, device=a.device,
                   normalization=norm, cache_dir=cache, no_progress=True, quiet=True, **opts)
     t_fit = time.perf_counter() - t0
     t1 = time.perf_counter()
     rep = evaluate(out, [plate(held)], platemap=platemap, device=a.device, cache_dir=cache,
-                   num_workers=opts["num_workers"], quiet=True, no_progress=True)
+                   workers=opts["workers"], quiet=True, no_progress=True)
     t_eval = time.perf_counter() - t1
     if a.workdir is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -218,17 +243,18 @@ def separability(plate, platemap, cache, device, normalization, encoder="morphol
 
     from napari_cellclip.correction import center_scale, control_mask
     from training.baseline import leave_one_plate_out
-    from training.loop import extract, load_fields
+    from napari_cellclip.fields import read_fields
+    from training.loop import extract
 
-    fields = load_fields([plate(b) for b in PLATES], platemap=platemap)
+    fields = read_fields([plate(b) for b in PLATES], platemap=platemap, cell_line="A549")
     t0 = time.perf_counter()
     feats, fields, enc = extract(fields, encoder, normalization=normalization, device=device,
-                                 cache_dir=cache, num_workers=workers, quiet=True)
+                                 cache_dir=cache, workers=workers, quiet=True)
     t_extract = time.perf_counter() - t0
     x = center_scale(feats, fields).reshape(len(fields), -1)
     ctrl = control_mask(fields)
-    out = {"features": f"{encoder} ({feats.shape[1]} x {feats.shape[2]}), {normalization} input normalisation, per-plate DMSO "
-                       "centre-and-scale, well mean over fields",
+    out = {"features": f"{encoder} ({feats.shape[1]} x {feats.shape[2]}), {normalization} input normalisation, "
+                       "per-plate DMSO centre-and-scale, well mean over fields",
            "distance": "Euclidean", "extract_seconds": round(t_extract, 1), "per_plate": {}}
     # the baseline's rule on the model's own frozen features: what the features alone give
     out["nearest_centroid_on_these_features"] = {}
@@ -262,8 +288,8 @@ def _summarise(runs):
                            r["batching"], r["correction"]), []).append(r)
     rows = []
     for (enc, norm, loss, batching, corr), rs in groups.items():
-        row = {"encoder": enc, "normalization": norm, "loss": loss, "batching": batching, "correction": corr, "runs": len(rs),
-               "test_plates": sorted({r["test_plate"] for r in rs})}
+        row = {"encoder": enc, "normalization": norm, "loss": loss, "batching": batching, "correction": corr,
+               "runs": len(rs), "test_plates": sorted({r["test_plate"] for r in rs})}
         for lvl in ("field", "well"):
             for d in ("image_to_text", "text_to_image"):
                 v = [r["test"][lvl][d]["R@1"] for r in rs]
@@ -289,7 +315,9 @@ def _print_run(run):
         for d, short in (("image_to_text", "i→t"), ("text_to_image", "t→i")):
             r = t[lvl][d]
             cells.append(f"{lvl} {short} R@1 {r['R@1']:.2f} ({r['n_queries']})")
-    print(f"CellCLIP encoder={run['encoder']} test={run['test_plate']} norm={run['normalization']} loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} seed={run['seed']}: " + " | ".join(cells)
+    print(f"CellCLIP encoder={run['encoder']} test={run['test_plate']} norm={run['normalization']} "
+          f"loss={run['loss']:<6} batching={run['batching']:<13} correction={run['correction']:<12} "
+          f"seed={run['seed']}: " + " | ".join(cells)
           + f" | wall {run['wall_seconds']:.0f}s (fit {run['fit_seconds']:.0f}s, "
           f"extract {run['fit_extract_seconds']:.0f}s, train {run['train_seconds']:.0f}s)", flush=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -233,3 +232,55 @@ def test_morphology_identity():
     a = get_encoder("morphology", device="cpu")
     assert a.identity == get_encoder("morphology", device="cpu").identity
     assert a.identity != get_encoder("morphology", device="cpu", size=128).identity
+
+
+# ------------------------------------------------------------------ field preparation (DataLoader workers)
+def test_field_prep_percentiles_bit_identical_to_normalize():
+    from napari_cellclip.encoders.base import FieldPrep
+    from napari_cellclip.images import fast_percentiles, normalize
+
+    rng = np.random.default_rng(3)
+    for dt in (np.uint8, np.uint16):
+        for _ in range(20):
+            a = rng.gamma(rng.uniform(0.3, 3), rng.uniform(1, 3000), (3, 57, 41)).clip(0, np.iinfo(dt).max)
+            a = a.astype(dt)
+            np.testing.assert_array_equal(FieldPrep()(a), normalize(a))
+            for plane in a:  # the histogram percentiles are np.percentile's, bit for bit
+                want = np.percentile(plane.astype(np.float32), [1, 99.9]).astype(np.float32)
+                assert np.array_equal(np.array(fast_percentiles(plane, 1, 99.9)), want)
+    flat = np.full((2, 10, 10), 7, np.uint16)
+    np.testing.assert_array_equal(FieldPrep()(flat), normalize(flat))
+
+
+def test_crop_prep_keeps_exactly_the_crops_the_encoder_cuts():
+    from napari_cellclip.encoders.base import FieldPrep
+    from napari_cellclip.encoders.hf import CropPrep, crop_grid
+
+    rng = np.random.default_rng(0)
+    for (h, w), k, size in [((200, 230), 2, 64), ((100, 100), 3, 40), ((70, 300), 2, 64), ((50, 50), 1, 64)]:
+        raw = rng.integers(0, 4000, (2, h, w)).astype(np.uint16)
+        full = torch.from_numpy(FieldPrep()(raw))[:, None]
+        part = torch.from_numpy(CropPrep(size=size, grid=k)(raw))[:, None]
+        torch.testing.assert_close(crop_grid(part, size, k * k), crop_grid(full, size, k * k), rtol=0, atol=0)
+
+
+def test_encoders_own_their_preparation(tiny_enc, morph):
+    """encode(prep(raw)) == encode(normalize(raw)): the prep only moves work into the workers."""
+    import pickle
+
+    from napari_cellclip.encoders.hf import CropPrep
+    from napari_cellclip.encoders.morphology import ResizePrep
+    from napari_cellclip.images import normalize, normalize_range
+
+    rng = np.random.default_rng(1)
+    raw = rng.gamma(2.0, 300, (5, 300, 260)).clip(0, 65535).astype(np.uint16)
+    for enc, kind in ((tiny_enc, CropPrep), (morph, ResizePrep)):
+        prep = pickle.loads(pickle.dumps(enc.field_prep(["DNA", "ER", "RNA", "AGP", "Mito"])))
+        assert isinstance(prep, kind)
+        got = enc.encode(torch.from_numpy(prep(raw))[None])
+        want = enc.encode(torch.from_numpy(normalize(raw))[None])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        ranges = np.array([[100.0, 900.0]] * 5, np.float32)  # plate normalisation: fixed ranges
+        torch.testing.assert_close(enc.encode(torch.from_numpy(prep(raw, ranges))[None]),
+                                   enc.encode(torch.from_numpy(normalize_range(raw, ranges))[None]),
+                                   rtol=1e-5, atol=1e-5)

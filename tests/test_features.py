@@ -43,10 +43,19 @@ def plate(tmp_path):
     dst.mkdir()
     fields = src.copy()
     for s in stains(src):
-        for i, row in src.iterrows():
+        for _, row in src.iterrows():
             shutil.copy(f"{row[f'PathName_Orig{s}']}/{row[f'FileName_Orig{s}']}", dst / row[f"FileName_Orig{s}"])
         fields[f"PathName_Orig{s}"] = str(dst)
     return fields
+
+
+class WholeFieldEncoder(CountingEncoder):
+    """Takes whole normalised fields (the base preparation), so fields keep their own shapes."""
+
+    def field_prep(self, stains=None, *, low=1.0, high=99.9):
+        from napari_cellclip.encoders.base import FieldPrep
+
+        return FieldPrep(low, high)
 
 
 def _path(fields, pos, stain="DNA"):
@@ -182,12 +191,16 @@ def test_mixed_shapes_workers_and_no_cache(tmp_path):
             row[f"FileName_Orig{s}"], row[f"PathName_Orig{s}"] = name, str(tmp_path)
         rows.append(row)
     fields = pd.DataFrame(rows)
-    enc = CountingEncoder()
+    enc = WholeFieldEncoder()
     res = extract_features(fields, enc, batch_size=3, use_cache=False)
     assert res.features.shape == (3, 2, enc.dim) and enc.calls == 2  # one call per shape group
     res_w = extract_features(fields, CountingEncoder(), batch_size=2, num_workers=2, cache_dir=tmp_path / "c")
     np.testing.assert_allclose(res_w.features, res.features, atol=1e-6)
     assert res_w.index.tolist() == [0, 1, 2]
+    morph = CountingEncoder()  # its preparation resamples every field to the working size in the worker
+    np.testing.assert_allclose(extract_features(fields, morph, batch_size=3, use_cache=False).features,
+                               res.features, atol=1e-6)
+    assert morph.calls == 1
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
@@ -293,7 +306,8 @@ def test_plate_ranges_are_cached_by_sampled_file_content(tmp_path, monkeypatch):
     fields = _two_plate_table(tmp_path)
     calls = []
     real = images.sample_range
-    monkeypatch.setattr(images, "sample_range", lambda f, rows, *a, **k: calls.append(len(rows)) or real(f, rows, *a, **k))
+    monkeypatch.setattr(images, "sample_range",
+                        lambda f, rows, *a, **k: calls.append(len(rows)) or real(f, rows, *a, **k))
     enc = CountingEncoder()
     first = extract_features(fields, enc, cache_dir=tmp_path / "cache", normalization="plate")
     assert calls == [3, 3]  # one sample per plate

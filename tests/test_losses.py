@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from napari_cellclip import losses
-from napari_cellclip.losses import clip_loss, compute_loss, cwcl_loss, gather_features, siglip_loss
+from napari_cellclip.losses import (
+    clip_loss,
+    compute_loss,
+    cwcl_loss,
+    gather_features,
+    siglip_loss,
+)
 
 LN100 = math.log(100.0)
 
@@ -244,6 +250,15 @@ def test_gather_ddp_uneven(tmp_path):
 
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
+    # outside a process group the gathering losses are the plain ones (this also ties the test to
+    # them in-process, so mutation testing runs it for mutants of the gathering code)
+    img, txt, feats = _data(n=5)
+    s = torch.tensor(1.0, dtype=torch.float64)
+    for name in ("cwcl", "clip", "siglip"):
+        assert torch.equal(compute_loss(name, img, txt, s, channel_features=feats, logit_bias=-1.0, gather=True),
+                           compute_loss(name, img, txt, s, channel_features=feats, logit_bias=-1.0))
+    x = torch.ones(2, 3)
+    assert gather_features(x) is x
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), (3, 2)), nprocs=2, join=True)
 
 

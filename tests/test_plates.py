@@ -20,7 +20,6 @@ from napari_cellclip.plates import (
 )
 from napari_cellclip.sample import sample_plate_dir
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lincs-a549"
 
 
 @pytest.fixture
@@ -40,8 +39,9 @@ def test_bundled_plate_via_load_data():
     assert df.groupby("Metadata_Well").size().tolist() == [3, 3, 3, 3]
     assert (df["Metadata_Plate"] == "SQ00015198").all()
     assert df.attrs["stain_source"] == "load_data"
-    # PathName resolved against the CSV's folder
-    assert Path(df.loc[0, "PathName_OrigDNA"]).is_absolute()
+    # PathName "." resolved against the CSV's folder (not the working folder)
+    for stain in DEFAULT_STAINS:
+        assert set(df[f"PathName_Orig{stain}"]) == {str(sample_plate_dir().resolve())}
     field = load_field(df.iloc[0])
     assert field.shape == (5, 540, 540) and field.dtype == np.uint8
 
@@ -53,11 +53,10 @@ def test_csv_path_directly_and_roundtrip(tmp_path):
     pd.testing.assert_frame_equal(df, again)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data (CI and developer machines)")
-def test_shared_lincs_plates():
-    df = read_plate(SHARED / "images")
+def test_shared_lincs_plates(shared_lincs):
+    df = read_plate(shared_lincs / "images")
     assert stains(df) == list(DEFAULT_STAINS)
-    for plate, sub in df.groupby("Metadata_Plate"):
+    for _plate, sub in df.groupby("Metadata_Plate"):
         assert sub["Metadata_Well"].nunique() == 4
         assert sub.groupby("Metadata_Well").size().tolist() == [9, 9, 9, 9]
     assert sorted(df["Metadata_Plate"].unique()) == ["SQ00015198", "SQ00015230", "SQ00015231"]

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from napari_cellclip._reader import STAIN_COLORMAPS, get_reader, read_fields
+from napari_cellclip._reader import STAIN_DISPLAY, get_reader, read_fields
 
 STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 
@@ -28,10 +28,12 @@ def test_plate_folder_gives_one_lazy_layer_per_stain(sample_plate_path):
     assert data.shape == (12, 5, 540, 540)  # fields, stains, y, x
     assert kwargs["channel_axis"] == 1
     assert kwargs["name"] == STAINS
-    assert kwargs["colormap"] == [STAIN_COLORMAPS[s] for s in STAINS]
+    assert [c.name for c in kwargs["colormap"]] == ["DNA blue", "ER green", "RNA cyan", "AGP red", "Mito magenta"]
+    assert kwargs["gamma"] == [STAIN_DISPLAY[s].gamma for s in STAINS]
     assert kwargs["blending"] == "additive"
     for lo, hi in kwargs["contrast_limits"]:
         assert 0 <= lo < hi <= 255
+    assert "scale" not in kwargs  # the LINCS sample has no pixel size
     fields = kwargs["metadata"]["cellclip_fields"]
     assert len(fields) == 12
     assert set(fields["Metadata_Well"]) == {"A01", "A13", "J18", "P13"}
@@ -68,8 +70,9 @@ def test_viewer_opens_plate_as_stain_layers(make_napari_viewer, sample_plate_pat
         assert ly.data.shape == (12, 540, 540)
         assert ly.blending == "additive"
         assert ly.metadata["cellclip_fields"] is layers[0].metadata["cellclip_fields"]
-    assert viewer.layers["DNA"].colormap.name == "blue"
-    assert viewer.layers["Mito"].colormap.name == "magenta"
+    assert viewer.layers["DNA"].colormap.name == "DNA blue"
+    assert viewer.layers["Mito"].colormap.name == "Mito magenta"
+    np.testing.assert_allclose(viewer.layers["DNA"].colormap.colors[-1][:3], [0x26 / 255, 0x66 / 255, 1.0])
     assert viewer.dims.nsteps[0] == 12  # a slider over the fields
 
 
@@ -120,3 +123,31 @@ def test_corrupt_field_is_blank_with_a_warning(tmp_path, sample_plate_path):
         plane = np.asarray(data[3, 1])
     assert plane.shape == (540, 540) and not plane.any()
     assert np.asarray(data[3, 0]).any()  # the other stains of that field still read
+
+
+def test_composite_keeps_the_five_stains_apart(sample_plate_path):
+    """Each stain has its own hue; the diffuse cytoplasmic stains are weighted down so the sum
+    of the composite saturates on only a small part of a field."""
+    import colorsys
+
+    (data, kwargs, _), = _layer_data(sample_plate_path)
+    hues = [colorsys.rgb_to_hsv(*c.colors[-1][:3])[0] * 360 for c in kwargs["colormap"]]
+    gaps = [abs((a - b + 180) % 360 - 180) for i, a in enumerate(hues) for b in hues[i + 1:]]
+    assert min(gaps) >= 30, hues
+    field = np.asarray(data[9], dtype=np.float64)  # P13 site 1, lonafarnib
+    rgb = np.zeros(field.shape[1:] + (3,))
+    for img, cmap, (lo, hi), g, a in zip(field, kwargs["colormap"], kwargs["contrast_limits"],
+                                          kwargs["gamma"], kwargs["opacity"]):
+        rgb += a * np.clip((img - lo) / (hi - lo), 0, 1)[..., None] ** g * np.asarray(cmap.colors[-1][:3])
+    saturated = (rgb.max(axis=-1) >= 1.0).mean()
+    assert saturated < 0.03, f"{saturated:.1%} of the composite saturates"
+
+
+def test_pixel_size_scales_the_layers(sample_plate_path):
+    from napari_cellclip._reader import PIXEL_SIZE_KEY, fields_layer_data
+
+    fields = read_fields(sample_plate_path)
+    fields["Metadata_PixelSizeUm"] = 0.656
+    (data, kwargs, _), = fields_layer_data(fields, str(sample_plate_path))
+    assert kwargs["scale"] == (1.0, 0.656, 0.656) and kwargs["units"][1:] == ("um", "um")
+    assert kwargs["metadata"][PIXEL_SIZE_KEY] == 0.656

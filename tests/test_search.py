@@ -199,3 +199,32 @@ def test_export_csv_round_trip(tmp_path):
     pd.testing.assert_frame_equal(back, res, check_dtype=False)
     assert back["Metadata_moa"][0] == "" and np.isnan(back["Metadata_dose"][0])
     assert back["rank"].dtype.kind == "i" and back["Metadata_is_control"].dtype == bool
+
+
+def test_more_like_this_compares_changes_from_the_plate_controls():
+    """Raw embeddings sharing one large direction all score ~1 with each other; centred on each
+    plate's DMSO mean, the same phenotype ranks first and the scores spread out."""
+    from napari_cellclip.search import control_centered, more_like_this
+
+    rng = np.random.default_rng(0)
+    common = np.zeros(16)
+    common[0] = 10.0
+    effect = {"DMSO": np.zeros(16), "a": np.eye(16)[1], "b": np.eye(16)[2]}
+    rows, emb = [], []
+    for plate, shift in (("P1", np.eye(16)[3] * 2.0), ("P2", -np.eye(16)[3] * 2.0)):  # a plate effect
+        for pert in ("DMSO", "DMSO", "a", "a", "b", "b"):
+            rows.append({"Metadata_Plate": plate, "Metadata_Well": f"{pert}{len(rows)}", "Metadata_pert_iname": pert})
+            emb.append(common + shift + effect[pert] + 0.05 * rng.normal(size=16))
+    store = EmbeddingStore(np.array(emb), pd.DataFrame(rows), "m")
+    raw = store.embeddings @ store.embeddings[2]
+    assert raw.min() > 0.9  # raw cosines hide the difference
+    centred = control_centered(store)
+    for plate in ("P1", "P2"):
+        ctrl = (store.fields["Metadata_Plate"] == plate) & (store.fields["Metadata_pert_iname"] == "DMSO")
+        assert centred.embeddings[ctrl.to_numpy()].shape[0] == 2
+    res = more_like_this(store, 2, top_k=None)  # an "a" field of plate P1
+    assert res["row"].iloc[0] == 2 and res["score"].iloc[0] == pytest.approx(1.0)
+    assert set(res["Metadata_pert_iname"].iloc[1:4]) == {"a"}  # the other "a" fields, on both plates
+    assert res.loc[res["Metadata_pert_iname"] == "a", "score"].iloc[1:].min() > 0.8
+    assert res.loc[res["Metadata_pert_iname"] == "b", "score"].max() < 0.3
+    assert control_centered(store) is centred  # cached

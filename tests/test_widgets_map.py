@@ -1,4 +1,5 @@
-"""Perturbation-map widget: points per well/field, colour by metadata, selection, hits, parquet."""
+"""Perturbation-map widget: points per well/field, colour by metadata, selection, hits, the napari
+Points layer, parquet, and UMAP in the background process with the event loop free."""
 
 from __future__ import annotations
 
@@ -9,6 +10,37 @@ import pytest
 LONAFARNIB = "A549 cells treated with compound: lonafarnib"
 
 
+
+
+def test_start_up_prepares_in_the_background_and_says_so_with_the_cores_busy(make_napari_viewer, sample_plate_path,
+                                                                              qtbot, busy_cpus, loop_gaps):
+    """Opening the widgets starts their background processes, which import torch and compile
+    UMAP (numba) at once, saying so on screen; the event loop stays free meanwhile.  (First in
+    this file: the processes it warms serve the tests after it.)"""
+    from napari_cellclip._widgets import _workers
+
+    _workers.shutdown_engines()  # a fresh start, as when napari opens
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_plate_path), plugin="napari-cellclip")
+    _, search = viewer.window.add_plugin_dock_widget("napari-cellclip", "Search")
+    _, cmap = viewer.window.add_plugin_dock_widget("napari-cellclip", "Perturbation map")
+    loop_gaps.start()
+    assert "Preparing CellCLIP in the background" in search.status_label.text()
+    assert "Preparing the map in the background" in cmap.status_label.text()
+    said = set()
+
+    def ready():
+        said.add(cmap.status_label.text())
+        said.add(search.status_label.text())
+        return search._engine.ready and cmap._engine.ready
+
+    qtbot.waitUntil(ready, timeout=600_000)
+    loop_gaps.stop()
+    assert any("compiling UMAP (first map of this session only" in t for t in said), said
+    assert any("loading torch" in t for t in said), said
+    assert search.status_label.text() == "Not embedded yet: press Embed plate"
+    print(f"start-up under load: {loop_gaps.summary()}")
+    assert loop_gaps.max_ms <= 100, loop_gaps.summary()
 
 
 @pytest.fixture()
@@ -23,6 +55,7 @@ def widgets(make_napari_viewer, trained_checkpoint, cellclip_env, sample_plate_p
     viewer.window.add_dock_widget(search, name="search")
     viewer.window.add_dock_widget(cmap, name="map")
     assert not cmap.compute_btn.isEnabled()  # nothing embedded yet
+    search.gallery_check.setChecked(False)
     search.set_checkpoint(trained_checkpoint)
     wait_job(search.embed_plate())
     assert search.state.store is not None, notes["error"]
@@ -39,17 +72,22 @@ def test_one_point_per_well_coloured_by_metadata(widgets, qtbot, notes, wait_job
     assert sorted(wells["Metadata_Well"]) == ["A01", "A13", "J18", "P13"]
     for col in ("Metadata_pert_iname", "Metadata_moa", "Metadata_prompt", "Metadata_Plate"):
         assert col in wells.columns
-    items = [cmap.color_combo.itemText(i) for i in range(cmap.color_combo.count())]
-    assert all(c.startswith("Metadata_") for c in items) and "Metadata_pert_iname" in items
+    columns = [cmap.color_combo.itemData(i) for i in range(cmap.color_combo.count())]
+    assert all(c.startswith("Metadata_") for c in columns) and "Metadata_pert_iname" in columns
+    shown = {cmap.color_combo.itemData(i): cmap.color_combo.itemText(i) for i in range(cmap.color_combo.count())}
+    assert shown["Metadata_pert_iname"] == "Perturbation" and shown["Metadata_moa"] == "Mechanism of action"
+    assert not any(t.startswith("Metadata_") for t in shown.values())  # readable labels
     # hover labels
     tips = [p.toolTip() for p in cmap.view.points]
     assert any("lonafarnib" in t for t in tips) and all("SQ00015198" in t for t in tips)
     # colour by perturbation: the two DMSO wells share a colour, the compounds differ
-    cmap.color_combo.setCurrentText("Metadata_pert_iname")
+    cmap.set_color_column("Metadata_pert_iname")
     col = {wells["Metadata_Well"].iloc[i]: p.brush().color().name() for i, p in enumerate(cmap.view.points)}
     assert col["A01"] == col["J18"] and len({col["A01"], col["A13"], col["P13"]}) == 3
-    assert "DMSO" in cmap.legend.text()
-    cmap.color_combo.setCurrentText("Metadata_n_fields")  # numbers work too
+    assert "DMSO" in cmap.legend.text() and "Perturbation" in cmap.legend.text()
+    assert cmap.view.axis_titles == ("PCA 1", "PCA 2")
+    cmap.set_color_column("Metadata_n_fields")  # numbers work too
+    assert cmap.color_column == "Metadata_n_fields"
     assert not notes["error"]
 
 
@@ -57,7 +95,7 @@ def test_selecting_points_selects_fields_and_shows_them(widgets, qtbot, wait_job
     viewer, search, cmap = widgets
     cmap.level_combo.setCurrentText("wells")
     wait_job(cmap.compute("pca"))
-    search.run_query(LONAFARNIB)
+    wait_job(search.run_query(LONAFARNIB))
     i = cmap.map_store.fields["Metadata_Well"].tolist().index("A13")
     # a lasso around that one point (scene coordinates)
     x, y = cmap.view.point_scene_pos(i)
@@ -84,7 +122,7 @@ def test_query_hits_are_highlighted(widgets, qtbot, wait_job):
     wait_job(cmap.compute("pca"))
     assert len(cmap.view.points) == 12
     search.topk_spin.setValue(3)
-    search.run_query(LONAFARNIB)
+    wait_job(search.run_query(LONAFARNIB))
     hits = sorted(p.index for p in cmap.view.points if p.hit)
     assert hits == sorted(search.state.results["store_row"])
     big = {p.index: p.rect().width() for p in cmap.view.points}
@@ -111,32 +149,60 @@ def test_parquet_export_round_trips(widgets, qtbot, tmp_path, wait_job):
     assert back["Metadata_Well"].tolist() == st.fields["Metadata_Well"].tolist()
 
 
-def test_umap_of_fields_in_a_worker(widgets, qtbot, tmp_path, notes, wait_job):
-    """The one UMAP test (first call compiles with numba, ~30 s)."""
-    import time
-
-    from qtpy.QtCore import QTimer
+def test_map_is_a_points_layer_other_plugins_can_use(widgets, qtbot, wait_job):
+    """The map is published as a napari Points layer whose features hold the metadata, the map
+    coordinates and the current query's scores; selecting points there selects the fields."""
+    from napari_cellclip._widgets.perturbation_map import POINTS_LAYER
 
     viewer, search, cmap = widgets
     cmap.level_combo.setCurrentText("fields")
-    ticks = []
-    timer = QTimer()
-    timer.setInterval(10)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start()
-    started = time.perf_counter()
-    job = cmap.compute("umap")
+    wait_job(cmap.compute("pca"))
+    layer = viewer.layers[POINTS_LAYER]
+    feats = layer.features
+    assert len(layer.data) == len(feats) == 12
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_pert_iname", "Metadata_moa",
+            "PCA_1", "PCA_2", "score", "hit", "store_row"} <= set(feats.columns)
+    np.testing.assert_allclose(feats[["PCA_1", "PCA_2"]].to_numpy(), cmap.coords, rtol=1e-6)
+    assert feats["Metadata_Well"].tolist() == search.state.store.fields["Metadata_Well"].tolist()
+    assert feats["score"].isna().all() and not feats["hit"].any()
+    assert not layer.visible  # published, not drawn over the image until asked
+    search.topk_spin.setValue(3)
+    wait_job(search.run_query(LONAFARNIB))
+    feats = layer.features
+    res = search.state.results
+    assert sorted(feats.index[feats["hit"]]) == sorted(res["store_row"])
+    np.testing.assert_allclose(feats.loc[res["store_row"], "score"].to_numpy(), res["score"].to_numpy())
+    # a selection made on the layer (e.g. by another plugin) selects those fields
+    layer.selected_data = {4, 5}
+    assert sorted(search.state.selection) == [4, 5]
+    assert cmap.view.selected() == [4, 5]
+    # a second map updates the same layer
+    cmap.level_combo.setCurrentText("wells")
+    wait_job(cmap.compute("pca"))
+    assert viewer.layers[POINTS_LAYER] is layer and len(layer.features) == 4
+
+
+def test_umap_by_default_in_the_background_with_the_cores_busy(widgets, qtbot, tmp_path, notes, wait_job,
+                                                               busy_cpus, loop_gaps):
+    """The default map is a UMAP of fields; computing it (with UMAP's first numba compilation,
+    unless the background process compiled it already) leaves the event loop free."""
+    viewer, search, cmap = widgets
+    assert cmap.level_combo.currentText() == "fields" and cmap.method_combo.currentText() == "auto"
+    loop_gaps.start()
+    job = cmap.compute()
     assert cmap.progress_bar.maximum() == 0  # busy indicator while it runs
-    wait_job(job)
-    elapsed = time.perf_counter() - started
-    timer.stop()
+    assert "UMAP of 12 fields" in cmap.status_label.text()
+    wait_job(job, timeout=600_000)
+    loop_gaps.stop()
     assert not notes["error"], notes["error"]
     assert cmap.method_used == "umap" and cmap.coords.shape == (12, 2)
     assert np.isfinite(cmap.coords).all()
     assert "UMAP of 12 fields" in cmap.status_label.text()
-    print(f"UMAP: {elapsed:.1f} s, {len(ticks)} ticks, max gap {np.diff(ticks).max() * 1000:.0f} ms")
-    # the event loop kept running: at least a third of the 10 ms ticks arrived, however long UMAP took
-    # (seconds on a first call that compiles with numba, well under one when numba is already warm)
-    assert len(ticks) >= elapsed / 0.010 / 3 - 2
+    assert cmap.view.axis_titles == ("UMAP 1", "UMAP 2")
+    computing = loop_gaps.max_ms_until(job.returned_at)
+    print(f"UMAP under load: {loop_gaps.summary()}; longest while computing {computing:.0f} ms")
+    # while UMAP runs (and compiles); showing the map then adds napari's Points layer, which is
+    # napari's own work on the GUI thread (a once-per-viewer cost, measured and printed above)
+    assert computing <= 100, loop_gaps.summary()
     df = pd.read_parquet(cmap.export_parquet(tmp_path / "umap.parquet"))
     assert {"UMAP_1", "UMAP_2"} <= set(df.columns) and len(df) == 12

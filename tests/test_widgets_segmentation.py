@@ -1,4 +1,4 @@
-"""Cell segmentation widget: Labels layers for the field on screen (in a worker), per-cell export."""
+"""Cell segmentation widget: Labels layers for the field on screen (in the background process), per-cell export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 def test_segmentation_layer_data_is_two_labels_layers(sample_plate_path):
     from napari_cellclip._reader import read_fields
-    from napari_cellclip._widgets._segmentation import LAYER_NAMES, segmentation_layer_data
+    from napari_cellclip._widgets._masks import LAYER_NAMES, segmentation_layer_data
 
     fields = read_fields(sample_plate_path)
     stains = ["DNA", "ER", "RNA", "AGP", "Mito"]

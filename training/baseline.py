@@ -110,24 +110,26 @@ def run_baseline(fields, stains=None) -> dict:
 def main(argv=None) -> int:
     from napari_cellclip.errors import CellClipError
 
-    p = argparse.ArgumentParser(prog="python -m training.baseline", description=__doc__.split("\n")[0])
-    p.add_argument("--data", action="append", required=True, help="plate folder or LoadData CSV (repeat)")
-    p.add_argument("--platemap", required=True, help="platemap folder (barcode_platemap.csv + platemaps)")
+    from napari_cellclip.cli import HelpFormatter, add_data_args, fields_from_args
+
+    p = argparse.ArgumentParser(prog="python -m training.baseline", description=__doc__.split("\n")[0],
+                                formatter_class=HelpFormatter)
+    add_data_args(p, data_required=True)
     p.add_argument("--output", help="write the JSON report here")
     a = p.parse_args(argv)
+    if not a.platemap:
+        p.error("--platemap is needed: the baseline learns the perturbations the platemap names")
     try:
-        from training.loop import load_fields
-
-        fields = load_fields(a.data, platemap=a.platemap)
+        fields = fields_from_args(a)
         rep = run_baseline(fields)
     except CellClipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(rep, indent=2)
     if a.output:
-        from pathlib import Path
+        from napari_cellclip._fsutil import atomic_write_text
 
-        Path(a.output).write_text(text)
+        atomic_write_text(a.output, text)
     print(text)
     return 0
 

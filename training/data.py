@@ -56,6 +56,29 @@ import numpy as np
 from napari_cellclip.errors import CellClipError, CellClipWarning
 
 PROMPT_COLUMN = "Metadata_prompt"
+#: the cell line of the bundled LINCS sample, and fit's default for annotated plates
+DEFAULT_CELL_LINE = "A549"
+
+
+def read_training_fields(data=None, *, platemap=None, barcode_platemap=None, annotations=None,
+                         channel_map=None, cell_line=None):
+    """:func:`napari_cellclip.fields.read_fields` of ``data`` (no ``data``: the bundled LINCS sample),
+    the Cell Painting stains in their canonical order (DNA, ER, RNA, AGP, Mito), as a new model
+    records them."""
+    from napari_cellclip.fields import read_fields
+    from napari_cellclip.plates import DEFAULT_STAINS, reorder_stains, stains
+
+    if data is None or (isinstance(data, (list, tuple)) and not data):
+        from napari_cellclip.sample import sample_plate_dir, sample_platemap_dir
+
+        data, platemap = [sample_plate_dir()], platemap or sample_platemap_dir()
+        cell_line = cell_line or DEFAULT_CELL_LINE
+    fields = read_fields(data, platemap=platemap, barcode_platemap=barcode_platemap, annotations=annotations,
+                         channel_map=channel_map, cell_line=cell_line)
+    have = stains(fields)
+    if set(have) == set(DEFAULT_STAINS) and list(have) != list(DEFAULT_STAINS):
+        fields = reorder_stains(fields, DEFAULT_STAINS)
+    return fields
 
 
 @dataclass
@@ -85,17 +108,13 @@ class WellBags:
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Feature rows by an index array of any shape (-1 → a zero row): idx.shape + (C, D).
 
-        Reads only the rows asked for (one fancy-index gather), so ``features``
-        may be a memory-mapped ``.npy`` (as in :func:`training.loop.fit`) that
-        is never copied into RAM as a whole.
+        Reads only the rows asked for (:func:`napari_cellclip.towers.gather_bags`), so ``features``
+        may be a memory-mapped ``.npy`` (as in :func:`training.loop.fit`) that is never copied
+        into RAM as a whole.
         """
-        idx = np.asarray(idx, dtype=np.int64)
-        f = self.features
-        out = np.zeros(idx.shape + tuple(f.shape[1:]), dtype=f.dtype)
-        valid = idx >= 0
-        if valid.any():
-            out[valid] = f[idx[valid]]
-        return out
+        from napari_cellclip.towers import gather_bags
+
+        return gather_bags(self.features, idx)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), M_max, C, D) bags, padding rows zero."""
@@ -124,14 +143,52 @@ class WellBags:
 
 def build_well_bags(features: np.ndarray, fields, *, prompt_column: str = PROMPT_COLUMN,
                     prompts: list[str] | None = None) -> WellBags:
-    """Group the rows of ``fields`` (aligned with ``features``) into well bags."""
+    """Group the rows of ``fields`` (aligned with ``features``) into well bags: the wells of
+    :func:`napari_cellclip.store.well_groups` (the store's and the image tower's), over the
+    fields that have a prompt."""
     import pandas as pd
+
+    from napari_cellclip.store import well_groups
 
     if not (isinstance(features, np.ndarray) and features.dtype == np.float32
             and features.flags.c_contiguous):
         features = np.ascontiguousarray(features, dtype=np.float32)  # a memmap stays a memmap
     if len(fields) != len(features):
         raise CellClipError(f"{len(features)} feature rows for {len(fields)} fields")
+    text = _prompts_of(fields, prompt_column)
+    keep = (text != "").to_numpy()
+    if not keep.all():
+        warnings.warn(f"{int((~keep).sum())} field(s) without a prompt are left out", CellClipWarning,
+                      stacklevel=2)
+    pos = np.flatnonzero(keep)
+    sub = fields.iloc[pos].reset_index(drop=True)
+    if "Metadata_Plate" not in sub.columns:
+        sub = sub.assign(Metadata_Plate="plate")
+    codes, table, bag = well_groups(sub)
+    bag_index = np.where(bag >= 0, pos[np.maximum(bag, 0)], -1)
+    sub_text = text.to_numpy()[pos]
+    if prompts is None:
+        prompts = sorted(set(sub_text))
+    pid_of = {p: i for i, p in enumerate(prompts)}
+    prompt_ids = np.empty(len(table), dtype=np.int64)
+    for w in range(len(table)):
+        wp = set(sub_text[codes == w])
+        plate, well = table["Metadata_Plate"].iloc[w], table["Metadata_Well"].iloc[w]
+        if len(wp) > 1:
+            raise CellClipError(f"plate {plate} well {well}: fields have different prompts")
+        wp = wp.pop()
+        if wp not in pid_of:
+            raise CellClipError(f"plate {plate} well {well}: prompt {wp!r} is not among the known prompts")
+        prompt_ids[w] = pid_of[wp]
+    wells = pd.DataFrame({"plate": table["Metadata_Plate"].astype(str), "well": table["Metadata_Well"].astype(str),
+                          "prompt": [prompts[i] for i in prompt_ids], "n_fields": table["Metadata_n_fields"]})
+    field_pids = np.full(len(fields), -1, dtype=np.int64)
+    field_pids[pos] = [pid_of.get(t, -1) for t in sub_text]
+    return WellBags(features=features, bag_index=bag_index, n_fields=table["Metadata_n_fields"].to_numpy(np.int64),
+                    prompt_ids=prompt_ids, prompts=list(prompts), wells=wells, field_prompt_ids=field_pids)
+
+
+def _prompts_of(fields, prompt_column: str):
     if prompt_column not in fields.columns:
         raise CellClipError(
             f"the fields table has no {prompt_column!r} column: no prompts to train on "
@@ -140,42 +197,7 @@ def build_well_bags(features: np.ndarray, fields, *, prompt_column: str = PROMPT
     if (text == "").all():
         raise CellClipError("no field has a prompt: no prompts to train on "
                             "(check the platemap / annotations cover these wells)")
-    keep = (text != "").to_numpy()
-    if not keep.all():
-        warnings.warn(f"{int((~keep).sum())} field(s) without a prompt are left out", CellClipWarning,
-                      stacklevel=2)
-    plate = fields["Metadata_Plate"].astype(str).to_numpy() if "Metadata_Plate" in fields else \
-        np.full(len(fields), "plate", dtype=object)
-    well = fields["Metadata_Well"].astype(str).to_numpy()
-    pos = np.flatnonzero(keep)
-    table = pd.DataFrame({"plate": plate[pos], "well": well[pos], "prompt": text.to_numpy()[pos],
-                          "row": pos})
-    if prompts is None:
-        prompts = sorted(table["prompt"].unique())
-    pid_of = {p: i for i, p in enumerate(prompts)}
-    groups = table.groupby(["plate", "well"], sort=True)
-    n_wells = groups.ngroups
-    sizes = groups.size().to_numpy()
-    m_max = int(sizes.max())
-    bag_index = np.full((n_wells, m_max), -1, dtype=np.int64)
-    wells_rows = []
-    prompt_ids = np.empty(n_wells, dtype=np.int64)
-    for i, ((p, w), g) in enumerate(groups):
-        r = g["row"].to_numpy()
-        bag_index[i, : len(r)] = r
-        wp = g["prompt"].iloc[0]
-        if (g["prompt"] != wp).any():
-            raise CellClipError(f"plate {p} well {w}: fields have different prompts")
-        if wp not in pid_of:
-            raise CellClipError(f"plate {p} well {w}: prompt {wp!r} is not among the known prompts")
-        prompt_ids[i] = pid_of[wp]
-        wells_rows.append((p, w, wp, len(r)))
-    wells = pd.DataFrame(wells_rows, columns=["plate", "well", "prompt", "n_fields"])
-    field_pids = np.full(len(fields), -1, dtype=np.int64)
-    field_pids[pos] = [pid_of.get(t, -1) for t in table["prompt"]]
-    return WellBags(features=features, bag_index=bag_index, n_fields=sizes.astype(np.int64),
-                    prompt_ids=prompt_ids, prompts=list(prompts), wells=wells,
-                    field_prompt_ids=field_pids)
+    return text
 
 
 def split_by_plate(fields, val_plates: list[str] | None):

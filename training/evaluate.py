@@ -80,35 +80,18 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, labels: np.nd
 
 
 # --------------------------------------------------------------- model-level
-def embed_bags(model, bags: np.ndarray, *, device="cpu", batch_size: int = 64) -> np.ndarray:
-    import torch
-
-    out = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(bags), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(bags[i:i + batch_size])).to(device)
-            out.append(model.encode_image(x).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
-
-
-def embed_prompts(model, prompts: list[str], *, device="cpu") -> np.ndarray:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return model.encode_prompts(list(prompts)).float().cpu().numpy()
-
-
 def evaluate_bags(model, wb, *, device="cpu", correction_spec=None, extra: dict | None = None) -> dict:
-    """Field- and well-level retrieval of a :class:`training.data.WellBags` set."""
-    t0 = time.perf_counter()
-    text = embed_prompts(model, wb.prompts, device=device)
-    well_emb = embed_bags(model, wb.gather(np.arange(len(wb))), device=device)
-    field_rows = np.flatnonzero(wb.field_prompt_ids >= 0)
-    field_emb = embed_bags(model, wb.features[field_rows][:, None], device=device)
+    """Field- and well-level retrieval of a :class:`training.data.WellBags` set, through the towers
+    the plugin and search use (:func:`napari_cellclip.towers.encode_bags` / ``encode_texts``);
+    the model runs where it is (``device`` is not used)."""
     from napari_cellclip.correction import to_json
+    from napari_cellclip.towers import encode_bags, encode_texts
 
+    t0 = time.perf_counter()
+    text = encode_texts(model, wb.prompts)
+    well_emb = encode_bags(model, wb.features, wb.bag_index)
+    field_rows = np.flatnonzero(wb.field_prompt_ids >= 0)
+    field_emb = encode_bags(model, wb.features, field_rows[:, None])
     report = {
         "prompts": list(wb.prompts),
         "chance_R@1_image_to_text": 1.0 / max(len(wb.prompts), 1),
@@ -120,6 +103,13 @@ def evaluate_bags(model, wb, *, device="cpu", correction_spec=None, extra: dict 
         "feature_correction": to_json(correction_spec),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    sim = _normalise(well_emb) @ _normalise(text).T
+    ranks = ranks_image_to_text(sim, wb.prompt_ids)
+    best = sim.argmax(1)
+    report["well"]["per_well"] = [
+        {"plate": p, "well": w, "prompt": wb.prompts[t], "best_prompt": wb.prompts[int(b)],
+         "best_score": float(sim[i, b]), "rank": int(r)}
+        for i, (p, w, t, b, r) in enumerate(zip(wb.wells["plate"], wb.wells["well"], wb.prompt_ids, best, ranks))]
     for lvl in ("field", "well"):
         report[lvl]["per_prompt_image_to_text_R@1"] = {
             wb.prompts[k]: v for k, v in report[lvl]["per_prompt_image_to_text_R@1"].items()}
@@ -129,12 +119,9 @@ def evaluate_bags(model, wb, *, device="cpu", correction_spec=None, extra: dict 
 
 
 def write_report(report: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
+    from napari_cellclip._fsutil import atomic_write_text
+
+    return atomic_write_text(Path(path), json.dumps(report, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -159,3 +146,47 @@ def format_report(report: dict) -> str:
             f" (n={i2t['n_queries']}) | text→image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}"
             f" mean rank {t2i['mean_rank']:.2f} (n={t2i['n_queries']})")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
+                        channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
+                        extract_batch_size=8, workers=0, output=None, quiet=False, no_progress=False) -> dict:
+    """Retrieval report of a checkpoint on a data set: the checkpoint's encoder and input
+    normalisation, its stain order and prompt form (:func:`napari_cellclip.embed.fields_for_model`),
+    its correction (or ``correction``), wells as the store pools them; the run folder ``fit``
+    printed, its ``model/`` or a ``checkpoints/checkpoint-N`` are all accepted."""
+    import sys
+
+    from napari_cellclip import correction as corr
+    from napari_cellclip.checkpoints import load_model, resolve_checkpoint
+    from napari_cellclip.embed import fields_for_model
+
+    from .data import build_well_bags, read_training_fields
+    from .distributed import Dist, resolve_train_device
+    from .prepare import extract
+
+    t0 = time.perf_counter()
+    ck = resolve_checkpoint(checkpoint)
+    dev = resolve_train_device(device, Dist())
+    model = load_model(ck, device=dev)
+    fields = fields_for_model(read_training_fields(data, platemap=platemap, barcode_platemap=barcode_platemap,
+                                                   annotations=annotations, channel_map=channel_map,
+                                                   cell_line=cell_line), model)
+    feats, fields, _ = extract(fields, model.config.image_encoder or "morphology",
+                               normalization=getattr(model.config, "input_normalization", "field"), device=str(dev),
+                               cache_dir=cache_dir, batch_size=extract_batch_size, workers=workers,
+                               progress=not no_progress, quiet=quiet)
+    if correction == "checkpoint":
+        spec = corr.spec_for_model(model, ck)
+    else:
+        spec = corr.make_spec(correction)
+        if spec and spec["method"] == "tvn":
+            spec = corr.fit(feats, fields, spec)
+    rep = evaluate_bags(model, build_well_bags(corr.apply(feats, fields, spec), fields), device=dev,
+                        correction_spec=spec, extra={"checkpoint": str(ck)})
+    rep["seconds"] = round(time.perf_counter() - t0, 2)
+    if output:
+        write_report(rep, output)
+    if not quiet:
+        print(format_report(rep), file=sys.stderr)
+    return rep

@@ -14,6 +14,8 @@ _LAZY = {
     "CellCLIP": "napari_cellclip.model",
     "CellCLIPConfig": "napari_cellclip.model",
     "read_plate": "napari_cellclip.plates",
+    "read_fields": "napari_cellclip.fields",
+    "load_model": "napari_cellclip.checkpoints",
     "annotate": "napari_cellclip.metadata",
     "build_prompt": "napari_cellclip.prompts",
     "load_field": "napari_cellclip.images",

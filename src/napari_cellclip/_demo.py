@@ -1,15 +1,16 @@
 """The README demo: napari with the bundled LINCS plate, the Search widget docked, embeddings computed.
 
-    python -m napari_cellclip._demo [--query TEXT] [--map] [--screenshot PATH]
+    python -m napari_cellclip._demo [--query TEXT] [--no-gallery] [--map] [--screenshot PATH]
 
 1. Makes sure a checkpoint exists: ``./checkpoints/cellclip-lincs-sample`` (the output
    of ``python -m training fit`` with its defaults, trained on the bundled sample in
    well under a minute on a CPU) is reused when present, else trained now in a
    subprocess.  ``--checkpoint`` picks another one.
 2. Opens napari with the sample plate (5 stain layers, a slider over the 12 fields),
-   docks the Search widget and embeds the plate in a worker.
-3. With ``--query``, runs that text query and shows the best field; with ``--map``,
-   docks the Perturbation map and computes a UMAP of the fields, hits highlighted.
+   docks the Search widget and embeds the plate in the background.
+3. With ``--query``, runs that text query, shows the hits side by side as a gallery
+   next to the plate (unless ``--no-gallery``) and the best field; with ``--map``, docks
+   the Perturbation map (in a tab) and computes a UMAP of the fields, hits ringed.
 4. With ``--screenshot PATH``, saves a screenshot of the whole window and quits
    (for the docs; run under ``xvfb-run`` on a headless machine).
 """
@@ -26,7 +27,14 @@ DEFAULT_CHECKPOINT = Path("checkpoints") / "cellclip-lincs-sample"
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "model" / "config.json").is_file()
+    from .checkpoints import resolve_checkpoint
+    from .errors import CheckpointError
+
+    try:
+        resolve_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def ensure_checkpoint(path: Path = DEFAULT_CHECKPOINT) -> Path:
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     p.add_argument("--query", help="run this text query once the plate is embedded")
     p.add_argument("--top-k", type=int, default=20, help="results shown (and highlighted on the map)")
+    p.add_argument("--no-gallery", action="store_true", help="do not show the hits as a gallery beside the plate")
     p.add_argument("--map", action="store_true", help="also dock the Perturbation map and compute a UMAP")
     p.add_argument("--map-level", default="fields", choices=["fields", "wells"])
     p.add_argument("--screenshot", type=Path, help="save a screenshot of the whole window here and quit")
@@ -66,38 +75,43 @@ class _Demo:
     def __init__(self, viewer, search, cmap, args):
         self.viewer, self.search, self.cmap, self.args = viewer, search, cmap, args
         self.step = "embed"
-        self.job = None
+        self.jobs = []
         self.t0 = time.perf_counter()
 
     def tick(self) -> bool:
         """Advance; returns False when finished."""
-        if self.job is not None and not self.job.done:
+        if any(j is not None and not j.done for j in self.jobs):
             return True
         if time.perf_counter() - self.t0 > 600:
             print("[demo] giving up after 10 minutes", file=sys.stderr)
             return False
+        s = self.search
         if self.step == "embed":
-            self.job = self.search.embed_plate()
+            self.jobs = [s.embed_plate()]
             self.step = "query"
-            return self.job is not None
+            return self.jobs[0] is not None
         if self.step == "query":
-            if self.search.state.store is None:
+            if s.state.store is None:
                 print("[demo] embedding failed: see the notification", file=sys.stderr)
                 return False
-            print(f"[demo] embedded {len(self.search.state.store)} fields", file=sys.stderr)
-            if self.args.query:
-                res = self.search.run_query(self.args.query)
-                if res is not None and len(res):
-                    self.search.select_result(0)
-                    top = res.head(5)[["rank", "score", "Metadata_Well", "Metadata_Site", "Metadata_pert_iname"]]
-                    print(top.to_string(index=False), file=sys.stderr)
+            print(f"[demo] embedded {len(s.state.store)} fields", file=sys.stderr)
+            self.jobs = [s.run_query(self.args.query)] if self.args.query else []
+            self.step = "show"
+            return True
+        if self.step == "show":
+            res = s.state.results
+            if res is not None and len(res):
+                top = res.head(5)[["rank", "score", "Metadata_Well", "Metadata_Site", "Metadata_pert_iname"]]
+                print(top.to_string(index=False), file=sys.stderr)
+                s.select_result(0)
+            self.jobs = [s.gallery_job] if s.gallery_job is not None else []
             self.step = "map"
             return True
         if self.step == "map":
             self.step = "done"
             if self.cmap is not None:
                 self.cmap.level_combo.setCurrentText(self.args.map_level)
-                self.job = self.cmap.compute("auto")
+                self.jobs = [self.cmap.compute("auto")]
             return True
         return False
 
@@ -119,6 +133,7 @@ def main(argv=None) -> int:
     search.set_checkpoint(checkpoint)
     search.device_combo.setCurrentText(args.device)
     search.topk_spin.setValue(args.top_k)
+    search.gallery_check.setChecked(not args.no_gallery)
     cmap = None
     if args.map:
         map_dock, cmap = viewer.window.add_plugin_dock_widget("napari-cellclip", "Perturbation map", tabify=True)

@@ -1,4 +1,17 @@
-"""Small file-system helpers shared by checkpoints, stores and training state."""
+"""The one place files and folders are written and files are digested.
+
+Every file napari-cellclip writes (feature-cache entries, stores, job shards, checkpoints,
+reports, exports) is written to a temporary sibling and moved into place by
+:func:`publish`, so a killed process never leaves a half-written file or folder under its
+final name.  Writers that need a path (pandas, faiss, safetensors, ``np.save``) use
+:func:`atomic_file`; small payloads use :func:`atomic_write_bytes` / :func:`atomic_write_text`
+/ :func:`atomic_save_npy`; folders use :func:`atomic_dir`; a writer that fills a file over
+time (a memory-mapped array) takes a :func:`temp_path` and calls :func:`publish` or
+:func:`discard`.  :func:`publish` is the single point where a finished temporary becomes
+visible, so a content checksum (or an fsync) added there covers every write.  Logs that grow a
+line at a time (``metrics.jsonl``) go through :func:`append_text`; scratch files a process
+maps and removes itself take a :func:`temp_path`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +22,39 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+__all__ = ["append_text", "atomic_dir", "atomic_file", "atomic_save_npy", "atomic_write_bytes", "atomic_write_text",
+           "discard", "file_digest", "publish", "temp_path"]
+
+
+def temp_path(final, kind: str = "tmp") -> Path:
+    """A fresh hidden path beside ``final`` to write to before :func:`publish` (parent created)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(tmp: Path, final) -> None:
+    """Make a finished temporary file or folder visible under ``final`` (replacing what was there)."""
+    final = Path(final)
+    if tmp.is_dir() and final.exists():
+        old = temp_path(final, "old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def discard(tmp: Path) -> None:
+    """Remove an unfinished temporary file or folder."""
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 @contextmanager
@@ -21,22 +67,60 @@ def atomic_dir(final) -> Iterator[Path]:
     ``final`` is left as it was.  A killed process therefore never leaves a
     half-written folder under the final name.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with atomic_file(final, folder=True) as tmp:
+        yield tmp
+
+
+@contextmanager
+def atomic_file(final, *, folder: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write to; moved onto ``final`` when the block succeeds.
+
+    The parent folder is created (and with ``folder=True`` the temporary path itself, empty).
+    On any error the temporary file is removed and ``final`` is left as it was.
+    """
+    tmp = temp_path(final)
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        publish(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+    return path
+
+
+def atomic_write_text(path, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def append_text(path, text: str, encoding: str = "utf-8") -> Path:
+    """Append ``text`` to a log file (``metrics.jsonl``): appends are not swapped in, a line at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding=encoding) as fh:
+        fh.write(text)
+    return path
+
+
+def atomic_save_npy(path, array) -> Path:
+    """``np.save`` (never pickling) to ``path`` atomically; returns the path."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array), allow_pickle=False)
+    return path
 
 
 _DIGEST_MEMO: dict[tuple[str, int, int], str] = {}

@@ -35,4 +35,7 @@ def sample_field() -> list[tuple]:
     import numpy as np
 
     kwargs = dict(kwargs, channel_axis=0, axis_labels=("y", "x"))
+    for key in ("scale", "units"):  # drop the field axis
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])[1:]
     return [(np.asarray(data[0]), kwargs, kind)]  # (C, H, W): one 2-D layer per stain

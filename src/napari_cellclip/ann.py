@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -225,16 +224,14 @@ class AnnIndex:
     # --------------------------------------------------------------------- I/O
     def save(self, folder) -> Path:
         """Write ``ann.faiss`` + ``ann.json`` into ``folder`` (atomically, json last)."""
+        from ._fsutil import atomic_file, atomic_write_text
+
         faiss = _faiss()
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{INDEX_FILE}.tmp-{os.getpid()}"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, folder / INDEX_FILE)
+        with atomic_file(folder / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
         meta = dict(self.meta, format=_FORMAT, nprobe=self.nprobe, n=len(self), dim=self.dim)
-        tmpj = folder / f".{META_FILE}.tmp-{os.getpid()}"
-        tmpj.write_text(json.dumps(meta, indent=1))
-        os.replace(tmpj, folder / META_FILE)
+        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=1))
         return folder / INDEX_FILE
 
 
@@ -263,57 +260,11 @@ def build_index(
     nlist = int(nlist or default_nlist(n))
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    ntrain = min(n, max(nlist * train_per_list, 10_000))
-    train_rows = np.sort(rng.choice(n, size=ntrain, replace=False))
-    xt = np.ascontiguousarray(x[train_rows], dtype=np.float32)
-    index.cp.niter = 10
-    index.cp.seed = seed
-    index.cp.max_points_per_centroid = max(train_per_list, 39)
-    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if use_gpu and ngpu > 0:  # k-means on the GPU
-        clus = faiss.Clustering(d, nlist, index.cp)
-        gq = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d))
-        clus.train(xt, gq)
-        quantizer.add(faiss.vector_to_array(clus.centroids).reshape(nlist, d))
-        index.is_trained = True
-    else:
-        index.train(xt)
-    del xt
+    ntrain = _train(index, quantizer, x, rng, nlist=nlist, train_per_list=train_per_list, seed=seed, use_gpu=use_gpu)
     for a in range(0, n, 262_144):  # add in chunks: works on a memmap without a full copy
         index.add(np.ascontiguousarray(x[a:a + 262_144], dtype=np.float32))
-
-    # ---- calibrate nprobe
-    q = _calibration_queries(x, n_calibration, rng)
-    _, truth = exact_topk(x, q, k)
-    chosen, reached = nlist, 1.0
-    lo_ok = None
-    p = 1
-    while p <= nlist:
-        index.nprobe = p
-        _, got = index.search(q, k)
-        r = recall_at_k(got, truth)
-        if r >= target_recall:
-            lo_ok, reached = p, r
-            break
-        p *= 2
-    if lo_ok is not None:
-        chosen = lo_ok
-        # refine between p/2 and p
-        lo = max(1, lo_ok // 2)
-        for cand in np.unique(np.linspace(lo, lo_ok, num=5).astype(int)):
-            if cand >= lo_ok:
-                break
-            index.nprobe = int(cand)
-            _, got = index.search(q, k)
-            r = recall_at_k(got, truth)
-            if r >= target_recall:
-                chosen, reached = int(cand), r
-                break
-    else:
-        chosen, reached = nlist, 1.0
-    # floor: scan at least 1/32 of the lists (text queries sit off the image manifold,
-    # where recall needs more lists than held-out image vectors show)
-    chosen = int(min(nlist, max(chosen, nlist // MIN_PROBE_FRACTION)))
+    chosen, reached = _calibrate_nprobe(index, x, rng, nlist=nlist, k=k, n_calibration=n_calibration,
+                                        target_recall=target_recall)
     index.nprobe = chosen
     meta = {
         "kind": "IVFFlat-IP", "nlist": nlist, "calibration_recall": reached, "calibration_k": k,
@@ -323,6 +274,57 @@ def build_index(
     if use_gpu:
         out.use_gpu(use_gpu)
     return out
+
+
+def _train(index, quantizer, x: np.ndarray, rng, *, nlist: int, train_per_list: int, seed: int, use_gpu) -> int:
+    """k-means of the IVF lists on a sample of the rows (on the GPUs when faiss has them) → sample size."""
+    faiss = _faiss()
+    n, d = x.shape
+    ntrain = min(n, max(nlist * train_per_list, 10_000))
+    xt = np.ascontiguousarray(x[np.sort(rng.choice(n, size=ntrain, replace=False))], dtype=np.float32)
+    index.cp.niter = 10
+    index.cp.seed = seed
+    index.cp.max_points_per_centroid = max(train_per_list, 39)
+    ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu and ngpu > 0:  # k-means on the GPU
+        clus = faiss.Clustering(d, nlist, index.cp)
+        clus.train(xt, faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(d)))
+        quantizer.add(faiss.vector_to_array(clus.centroids).reshape(nlist, d))
+        index.is_trained = True
+    else:
+        index.train(xt)
+    return ntrain
+
+
+def _recall(index, nprobe: int, q: np.ndarray, truth: np.ndarray, k: int) -> float:
+    index.nprobe = int(nprobe)
+    return recall_at_k(index.search(q, k)[1], truth)
+
+
+def _calibrate_nprobe(index, x: np.ndarray, rng, *, nlist: int, k: int, n_calibration: int,
+                      target_recall: float) -> tuple[int, float]:
+    """The smallest power of two of lists to probe reaching ``target_recall`` (then refined below it),
+    at least ``nlist / MIN_PROBE_FRACTION`` → (nprobe, recall reached)."""
+    q = _calibration_queries(x, n_calibration, rng)
+    _, truth = exact_topk(x, q, k)
+    chosen, reached, p = nlist, 1.0, 1
+    while p <= nlist:
+        r = _recall(index, p, q, truth, k)
+        if r >= target_recall:
+            chosen, reached = p, r
+            break
+        p *= 2
+    if p <= nlist:  # refine between p/2 and p
+        for cand in np.unique(np.linspace(max(1, p // 2), p, num=5).astype(int)):
+            if cand >= p:
+                break
+            r = _recall(index, cand, q, truth, k)
+            if r >= target_recall:
+                chosen, reached = int(cand), r
+                break
+    # floor: scan at least 1/32 of the lists (text queries sit off the image manifold,
+    # where recall needs more lists than held-out image vectors show)
+    return int(min(nlist, max(chosen, nlist // MIN_PROBE_FRACTION))), reached
 
 
 def load_index(folder, *, embeddings: np.ndarray | None = None, mmap: bool = True,

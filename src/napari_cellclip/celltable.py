@@ -7,7 +7,7 @@ file, field by field (a row group per field, so a plate never sits in memory at
 once), in worker processes when asked, atomically (a killed export leaves no
 partial file under the final name).  Command line::
 
-    python -m napari_cellclip.celltable PLATE [PLATE ...] --out cells.parquet \\
+    python -m napari_cellclip.celltable --data PLATE [--data PLATE ...] --output cells.parquet \\
         [--platemap DIR] [--nuclei DNA] [--cell RNA] [--normalization field|plate] [--workers N]
 
 Columns: the fields table's ``Metadata_*`` columns, ``ObjectNumber`` (the label in
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ._fsutil import discard, publish, temp_path
 from .cellfeatures import CHANNEL_FEATURES, SHAPE_FEATURES, measure_cells
 from .errors import Cancelled, CellClipError
 from .segmentation import SegmentationParams, _stain_index, segment_field
@@ -115,15 +115,15 @@ class _FieldCells:
 
 
 class _Writer:
-    """Append tables to ``<path>`` through a temporary sibling; :meth:`commit` moves it into place."""
+    """Append tables to a temporary sibling of ``<path>`` (:mod:`napari_cellclip._fsutil`);
+    :meth:`commit` publishes it, :meth:`abort` discards it."""
 
     def __init__(self, path: Path):
         self.path = path
         self.kind = "parquet" if path.suffix.lower() == ".parquet" else "csv"
         if self.kind == "csv" and path.suffix.lower() not in (".csv", ".gz") and not str(path).endswith(".csv.gz"):
             raise CellClipError(f"{path}: write per-cell tables as .parquet or .csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.tmp = temp_path(path)  # grows field by field; published whole by commit
         self.writer = None
         self.columns = None
 
@@ -151,13 +151,13 @@ class _Writer:
             self.writer.close()
         if self.writer is None:
             raise CellClipError(f"no cell was segmented in any field; {self.path} not written")
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.kind == "parquet" and self.writer is not None:
             with contextlib.suppress(Exception):  # cleaning up after another error
                 self.writer.close()
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
 
 def _items(fields: pd.DataFrame, stains: list[str], normalization: str):
@@ -225,20 +225,22 @@ def export_cell_table(fields: pd.DataFrame, out, *, stains: Sequence[str] | None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m napari_cellclip.celltable``: per-cell measurements of plates to parquet/CSV."""
-    from .pipeline import read_fields
+    from .cli import HelpFormatter, add_alias, add_data_args, fields_from_args
 
-    p = argparse.ArgumentParser(prog="python -m napari_cellclip.celltable", description=main.__doc__)
-    p.add_argument("data", nargs="+", help="plate folder(s), LoadData CSV(s), fields parquet or manifest")
-    p.add_argument("--out", required=True, help="output .parquet or .csv")
-    p.add_argument("--platemap", default=None, help="platemap folder (adds perturbation Metadata_* columns)")
-    p.add_argument("--nuclei", default="DNA", help="stain nuclei are found in (default DNA)")
-    p.add_argument("--cell", default="RNA", help="stain cells are grown on (default RNA)")
-    p.add_argument("--normalization", default="field", choices=["field", "plate"])
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: in this process)")
+    p = argparse.ArgumentParser(prog="python -m napari_cellclip.celltable", description=main.__doc__,
+                                formatter_class=HelpFormatter)
+    add_data_args(p, data_required=True)
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="output .parquet or .csv")
+    add_alias(p, "--out", "output")
+    p.add_argument("--nuclei", default="DNA", help="stain nuclei are found in")
+    p.add_argument("--cell", default="RNA", help="stain cells are grown on")
+    p.add_argument("--normalization", default="field", choices=["field", "plate"],
+                   help="rescale channels by each field's own intensity percentiles or by its plate's")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="worker processes (0: in this process)")
     a = p.parse_args(argv)
     try:
-        fields = pd.concat([read_fields(d, platemap_dir=a.platemap) for d in a.data], ignore_index=True)
-        s = export_cell_table(fields, a.out, nuclei_stain=a.nuclei, cell_stain=a.cell,
+        fields = fields_from_args(a)
+        s = export_cell_table(fields, a.output, nuclei_stain=a.nuclei, cell_stain=a.cell,
                               normalization=a.normalization, workers=a.workers,
                               progress=lambda d, t: print(f"\r{d}/{t} fields", end="", file=sys.stderr))
     except CellClipError as exc:

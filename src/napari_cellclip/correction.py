@@ -280,9 +280,11 @@ def save_state(spec: Mapping | None, directory) -> None:
         return
     from safetensors.numpy import save_file
 
+    from ._fsutil import atomic_file
+
     state = spec[_STATE_KEY]
-    path = Path(directory) / spec.get("state_file", STATE_FILE)
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(path))
+    with atomic_file(Path(directory) / spec.get("state_file", STATE_FILE)) as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(tmp))
 
 
 def load_state(spec: Mapping | None, directory) -> dict | None:

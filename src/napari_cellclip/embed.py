@@ -1,30 +1,32 @@
-"""Embed a plate's fields of view with a CellCLIP checkpoint → :class:`EmbeddingStore`.
+"""Embed a plate's fields of view with a CellCLIP checkpoint → :class:`EmbeddingStore` (the plugin's road).
 
-The path of one field::
+The path of a plate::
 
-    fields table row → stain planes (checkpoint's stain order)
-      → frozen channel features (C, D)       encoders + features (cached on disk)
-      → plate-effect correction              correction.apply, per config.feature_correction
-      → model.encode_image(bag of M=1)       (E,), L2-normalised
+    fields table → fields_for_model        the checkpoint's stain order; prompts in its form
+      → features.extract_features          frozen channel features (C, D), cached on disk
+      → towers.image_embeddings            correction → pooling / CrossChannelFormer → L2,
+                                           per field (bag of 1) and per well (bag of its fields)
+      → EmbeddingStore(fields, wells)      kept under <cache>/embeddings for the next time
+
+The embedding job (:mod:`napari_cellclip.pipeline`) walks the same road in shards; training's
+evaluation uses the same towers.
 
 Public API
 ----------
-- :func:`load_model` ``(path, device="auto") -> CellCLIP``
 - :func:`embed_fields` ``(fields, model, *, encoder=None, device="auto", cache_dir=None,
   batch_size=8, progress=None, should_stop=None, reuse=True) -> EmbeddingStore``
-- :func:`embed_features` ``(features (N, C, D), model, ...) -> (N, E)`` float32 unit rows
+- :func:`fields_for_model` ``(fields, model) -> fields`` in the checkpoint's stain order, prompts
+  naming the checkpoint's cell line when the plate names none (a different one is warned about)
 - :func:`check_stains` ``(fields, model) -> fields`` in the checkpoint's stain order
-- :func:`model_identity` ``(model) -> str`` (checkpoint identity used as ``store.model_id``)
 - :func:`get_cached_encoder` / :func:`clear_encoder_cache`
+- :func:`load_model`, :func:`model_identity` (from :mod:`napari_cellclip.checkpoints`),
+  :func:`embed_features` (from :mod:`napari_cellclip.towers`)
 
 torch is imported inside the functions (importing this module stays cheap).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import threading
 import warnings
@@ -35,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .errors import Cancelled, CellClipError, CellClipWarning, CheckpointError, PlateError
+from .checkpoints import load_model, model_identity, prompt_context
+from .errors import CellClipError, CellClipWarning, CheckpointError, PlateError
 from .store import EmbeddingStore, StoreError, cache_key
+from .towers import ENCODE_BATCH, embed_features, image_embeddings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import ChannelEncoder
@@ -46,7 +50,9 @@ __all__ = [
     "load_model",
     "embed_fields",
     "embed_features",
+    "fields_for_model",
     "check_stains",
+    "correction_spec",
     "model_identity",
     "get_cached_encoder",
     "clear_encoder_cache",
@@ -55,99 +61,11 @@ __all__ = [
 
 ProgressFn = Callable[[int, int], None]
 StopFn = Callable[[], bool]
-
-#: model.encode_image batch size (the per-field work is tiny next to feature extraction)
-ENCODE_BATCH = 256
-
-
-# ------------------------------------------------------------------ checkpoints
-def load_model(path: str | os.PathLike, device: str = "auto") -> CellCLIP:
-    """Load a CellCLIP checkpoint folder (``config.json`` + ``model.safetensors`` + tokenizer).
-
-    Returns the model in eval mode on ``device`` (``"auto"`` → cuda > mps > cpu), with
-    ``model.checkpoint_dir`` set and its identity (:func:`model_identity`) computed once.
-    A missing folder/file or a checkpoint that cannot be read raises :class:`CheckpointError`.
-    """
-    from .encoders import resolve_device
-    from .model import CellCLIP
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint folder not found")
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: a checkpoint is a folder (config.json + model.safetensors), not a file")
-    for name in ("config.json", "model.safetensors"):
-        if not (p / name).is_file():
-            raise CheckpointError(f"{p}: not a CellCLIP checkpoint ({name} missing)")
-    dev = resolve_device(device)
-    try:
-        model = CellCLIP.from_pretrained(p, device=dev)
-    except CellClipError:
-        raise
-    except Exception as e:  # json / safetensors / shape errors from a damaged checkpoint
-        raise CheckpointError(f"{p}: cannot load checkpoint ({type(e).__name__}: {e})") from e
-    model.eval()
-    if getattr(model, "checkpoint_dir", None) is None:
-        try:
-            model.checkpoint_dir = str(p)
-        except Exception:  # pragma: no cover - exotic module attribute rules
-            pass
-    model._cellclip_id = model_identity(model, use_cached=False)
-    return model
+#: changes when what a cached store holds changes (v2: the model-pooled wells)
+_STORE_KEY_VERSION = "store-v2"
 
 
-def _config_dict(config: Any) -> dict:
-    if dataclasses.is_dataclass(config):
-        d = dataclasses.asdict(config)
-    elif hasattr(config, "to_dict"):
-        d = dict(config.to_dict())
-    else:
-        d = dict(vars(config))
-    fc = d.get("feature_correction")
-    if isinstance(fc, dict):  # strip in-memory arrays (TVN state)
-        d["feature_correction"] = {k: v for k, v in fc.items() if not str(k).startswith("_")}
-    return d
-
-
-def model_identity(model: Any, *, use_cached: bool = True) -> str:
-    """Identity of a checkpoint: a hash of its config and of every weight tensor.
-
-    Models from :func:`load_model` carry it precomputed (``model._cellclip_id``);
-    otherwise it is computed from the state dict (≈0.1 s per 100 MB).  Two models with
-    the same config and weights — in memory or reloaded from disk — get the same id.
-    Returns 32 hex digits.
-    """
-    if use_cached:
-        mid = getattr(model, "_cellclip_id", None)
-        if mid:
-            return str(mid)
-    import torch
-
-    h = hashlib.blake2b(digest_size=16)
-    cfg = _config_dict(getattr(model, "config", {}))
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"\0{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for name, t in sorted((getattr(model, "extra_tensors", None) or {}).items()):
-        if torch.is_tensor(t):
-            t = t.detach().cpu().contiguous()
-            h.update(f"\0extra.{name}:{t.dtype}:{tuple(t.shape)}\0".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    # TVN matrices live next to the weights and change the embeddings too
-    spec = getattr(getattr(model, "config", None), "feature_correction", None)
-    ckpt = getattr(model, "checkpoint_dir", None)
-    if isinstance(spec, dict) and spec.get("state_file") and ckpt:
-        f = Path(ckpt) / spec["state_file"]
-        if f.is_file():
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------ stains
+# ------------------------------------------------------------------------ fields
 def check_stains(fields: pd.DataFrame, model: Any) -> pd.DataFrame:
     """Return ``fields`` with its stain columns in the checkpoint's order.
 
@@ -169,6 +87,48 @@ def check_stains(fields: pd.DataFrame, model: Any) -> pd.DataFrame:
         return plates.reorder_stains(fields, needed)
     except PlateError as e:
         raise PlateError(f"this checkpoint needs the stains {needed} but the plate has {have}: {e}") from e
+
+
+def _plate_cell_lines(fields: pd.DataFrame) -> list[str]:
+    if "Metadata_cell_line" not in fields.columns:
+        return []
+    return sorted({str(c).strip() for c in fields["Metadata_cell_line"].dropna() if str(c).strip()})
+
+
+def fields_for_model(fields: pd.DataFrame, model: Any) -> pd.DataFrame:
+    """``fields`` as ``model`` needs them: its stain order (:func:`check_stains`), and prompts in the
+    form it was trained on (:func:`napari_cellclip.checkpoints.prompt_context`).
+
+    A plate whose prompts name no cell line gets the checkpoint's; a plate naming another
+    cell line than the checkpoint's keeps it, with a :class:`CellClipWarning` (typed queries and
+    zero-shot candidates would not match what the model learned).
+    """
+    from .metadata import with_cell_line
+
+    fields = check_stains(fields, model)
+    ctx = prompt_context(model.config)
+    if ctx is None or "Metadata_prompt" not in fields.columns:
+        return fields
+    have = _plate_cell_lines(fields)
+    if not have and ctx.cell_line:
+        return with_cell_line(fields, ctx.cell_line, ctx.templates)
+    if have and have != [ctx.cell_line]:
+        trained = f"{ctx.cell_line!r}" if ctx.cell_line else "no cell line"
+        warnings.warn(
+            f"the plate's prompts name the cell line {', '.join(map(repr, have))} but the checkpoint was "
+            f"trained on prompts naming {trained} (e.g. {ctx.example()!r}); queries and zero-shot "
+            "scores compare texts the model did not learn", CellClipWarning, stacklevel=2)
+    return fields
+
+
+def correction_spec(model: Any):
+    """``(correction module, spec)`` of the checkpoint's plate-effect correction, or ``(None, None)``."""
+    spec = getattr(model.config, "feature_correction", None)
+    if not spec:
+        return None, None
+    from . import correction
+
+    return correction, correction.spec_for_model(model, getattr(model, "checkpoint_dir", None))
 
 
 # ----------------------------------------------------------------------- encoders
@@ -196,60 +156,21 @@ def clear_encoder_cache() -> None:
         _ENCODERS.clear()
 
 
-# ------------------------------------------------------------------------ encode
-def _model_device(model: Any):
-    import torch
-
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def embed_features(
-    features: np.ndarray,
-    model: CellCLIP,
-    *,
-    batch_size: int = ENCODE_BATCH,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-) -> np.ndarray:
-    """Run ``model.encode_image`` on each field as a bag of one instance.
-
-    ``features``: ``(N, C, D)`` (already corrected) → ``(N, E)`` float32, L2-normalised,
-    computed on the model's device under ``torch.inference_mode``.
-    ``progress(done, N)`` after each batch; ``should_stop()`` → :class:`Cancelled`.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    x = np.asarray(features, dtype=np.float32)
-    if x.ndim != 3:
-        raise CellClipError(f"features must be (N, C, D), got shape {x.shape}")
-    n = x.shape[0]
-    dev = _model_device(model)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    out: list[np.ndarray] = []
-    bs = max(1, int(batch_size))
-    try:
-        with torch.inference_mode():
-            for start in range(0, n, bs):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("embedding cancelled")
-                xb = torch.from_numpy(x[start:start + bs]).to(dev)[:, None]  # (b, 1, C, D)
-                e = model.encode_image(xb)
-                e = F.normalize(e.float(), dim=-1)
-                out.append(e.cpu().numpy().astype(np.float32))
-                if progress is not None:
-                    progress(min(start + bs, n), n)
-    finally:
-        if was_training:
-            model.train()
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out, axis=0)
+def check_encoder(encoder, config) -> None:
+    """Warn when ``encoder`` is not the checkpoint's; raise when its feature width differs."""
+    spec = getattr(encoder, "spec", None)
+    if spec and getattr(config, "image_encoder", None) and spec != config.image_encoder:
+        warnings.warn(f"the checkpoint was trained on '{config.image_encoder}' features but the encoder "
+                      f"given is '{spec}'; embeddings may be meaningless", CellClipWarning, stacklevel=3)
+    width = getattr(config, "vision_width", None)
+    if width is not None and int(getattr(encoder, "dim", width)) != int(width):
+        raise CheckpointError(
+            f"the image encoder '{getattr(encoder, 'spec', encoder)}' gives {encoder.dim}-dim channel "
+            f"features but this checkpoint expects {width} (config.image_encoder = "
+            f"'{getattr(config, 'image_encoder', '?')}')")
 
 
+# ------------------------------------------------------------------------ embed
 def store_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder where :func:`embed_fields` keeps finished stores (``<cache>/embeddings``)."""
     if cache_dir is None:
@@ -259,18 +180,18 @@ def store_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir) / "embeddings"
 
 
-def _correction_spec(model: Any):
-    spec = getattr(model.config, "feature_correction", None)
-    if not spec:
-        return None, None
+def _cached_store(path: Path, model_id: str) -> EmbeddingStore | None:
+    if not EmbeddingStore.exists(path):
+        return None
     try:
-        from . import correction
-    except ImportError as e:
-        raise CheckpointError(
-            f"this checkpoint applies the plate-effect correction {spec!r}, but "
-            f"napari_cellclip.correction cannot be imported ({e})"
-        ) from e
-    return correction, correction.spec_for_model(model, getattr(model, "checkpoint_dir", None))
+        store = EmbeddingStore.load(path)
+    except StoreError:
+        return None
+    if store.model_id != model_id:
+        return None
+    for _pos, msg in store.info.get("skipped", []):
+        warnings.warn(f"skipped field: {msg}", CellClipWarning, stacklevel=3)
+    return store
 
 
 def embed_fields(
@@ -285,13 +206,15 @@ def embed_fields(
     should_stop: StopFn | None = None,
     reuse: bool = True,
 ) -> EmbeddingStore:
-    """Embed every field of ``fields`` with ``model`` → field-level :class:`EmbeddingStore`.
+    """Embed every field of ``fields`` with ``model`` → field-level :class:`EmbeddingStore` with
+    the model's well embeddings (``store.well_level()``).
 
     Parameters
     ----------
     fields
-        Fields table (``plates.read_plate`` + ``metadata.annotate``).  Its stains must
-        include ``model.config.stains`` (reordered as needed; otherwise :class:`PlateError`).
+        Fields table (:func:`napari_cellclip.fields.read_fields`).  Its stains must include
+        ``model.config.stains`` (reordered as needed; otherwise :class:`PlateError`); its prompts
+        are put in the checkpoint's form (:func:`fields_for_model`).
     model
         A :class:`~napari_cellclip.model.CellCLIP` (e.g. from :func:`load_model`).  It is
         moved to ``device`` (in place) and run in eval mode.
@@ -302,14 +225,15 @@ def embed_fields(
         ``"auto"`` | ``"cpu"`` | ``"cuda[:N]"`` | ``"mps"``.
     cache_dir
         Feature cache folder (``None``: ``features.default_cache_dir()``; ``False``: no
-        caching at all).  Finished stores
-        are also kept under ``<cache_dir>/embeddings/<cache_key>`` and reused when the same
-        fields are embedded with the same checkpoint again (``reuse=False`` recomputes).
+        caching at all).  Finished stores are also kept under ``<cache_dir>/embeddings/<key>``
+        and reused when the same fields are embedded with the same checkpoint again
+        (``reuse=False`` recomputes).
     batch_size
         Fields per feature-extraction batch.
     progress
-        ``progress(done, total)``; ``total = 2 * len(fields)``: the first half is feature
-        extraction, the second the model encode.
+        ``progress(done, total)`` with ``total = len(fields)``, after each feature batch:
+        ``done`` counts the fields read and encoded so far.  ``(total, total)`` is reported
+        once, when the store is complete (after the model tower and the store cache write).
     should_stop
         Polled between batches; returning True raises :class:`~napari_cellclip.errors.Cancelled`.
 
@@ -318,113 +242,66 @@ def embed_fields(
     ``store.info["skipped"]`` lists ``[row position in fields, message]``.
     If no field can be read, :class:`PlateError` is raised.
     """
-    from . import features as features_mod
     from .encoders import resolve_device
 
     if not isinstance(fields, pd.DataFrame):
         raise PlateError(f"fields must be a fields table (pandas DataFrame), got {type(fields).__name__}")
     if len(fields) == 0:
         raise PlateError("the fields table is empty: nothing to embed")
-    fields = fields.reset_index(drop=True)
-    cfg = model.config
-    fields = check_stains(fields, model)
-    stains = list(getattr(cfg, "stains", None) or [])
-    n = len(fields)
-    total = 2 * n
-
+    fields = fields_for_model(fields.reset_index(drop=True), model)
+    total = len(fields)
     dev = resolve_device(device)
-    if _model_device(model) != dev:
+    if next(iter(model.parameters())).device != dev:
         model.to(dev)
-
     if encoder is None:
-        encoder = get_cached_encoder(cfg.image_encoder, dev)
-    else:
-        spec = getattr(encoder, "spec", None)
-        if spec and getattr(cfg, "image_encoder", None) and spec != cfg.image_encoder:
-            warnings.warn(
-                f"the checkpoint was trained on '{cfg.image_encoder}' features but the encoder "
-                f"given is '{spec}'; embeddings may be meaningless",
-                CellClipWarning, stacklevel=2,
-            )
-    width = getattr(cfg, "vision_width", None)
-    if width is not None and getattr(encoder, "dim", width) != width:
-        raise CheckpointError(
-            f"the image encoder '{getattr(encoder, 'spec', encoder)}' gives {encoder.dim}-dim channel "
-            f"features but this checkpoint expects {width} (config.image_encoder = "
-            f"'{getattr(cfg, 'image_encoder', '?')}')"
-        )
-
-    correction, spec = _correction_spec(model)
+        encoder = get_cached_encoder(model.config.image_encoder, dev)
+    check_encoder(encoder, model.config)
     model_id = model_identity(model)
-    info_base = {
-        "image_encoder": getattr(encoder, "spec", str(encoder)),
-        "encoder_identity": getattr(encoder, "identity", ""),
-        "stains": stains,
-        "input_normalization": getattr(cfg, "input_normalization", "field"),
-        "feature_correction": (correction.to_json(spec) if correction is not None else None),
-        "n_input_fields": n,
-    }
-
-    # ---- reuse a finished store of the same data + checkpoint
-    key = cache_key(fields, f"{model_id}|{info_base['encoder_identity']}")
-    cached_path = None
-    if reuse and cache_dir is not False:
-        cached_path = store_cache_dir(cache_dir) / key
-        if EmbeddingStore.exists(cached_path):
+    key = cache_key(fields, f"{model_id}|{getattr(encoder, 'identity', '')}|{_STORE_KEY_VERSION}")
+    cached_path = store_cache_dir(cache_dir) / key if reuse and cache_dir is not False else None
+    store = _cached_store(cached_path, model_id) if cached_path is not None else None
+    if store is None:
+        store = _embed(fields, model, encoder, model_id, cache_dir=cache_dir, batch_size=batch_size,
+                       progress=progress, should_stop=should_stop)
+        if cached_path is not None:
             try:
-                store = EmbeddingStore.load(cached_path)
-            except StoreError:
-                store = None
-            if store is not None and store.model_id == model_id:
-                for _pos, msg in store.info.get("skipped", []):
-                    warnings.warn(f"skipped field: {msg}", CellClipWarning, stacklevel=2)
-                if progress is not None:
-                    progress(total, total)
-                return store
-
-    # ---- frozen channel features
-    def _extract_progress(done: int, tot: int) -> None:
-        if progress is not None:
-            progress(int(round(done * n / max(tot, 1))), total)
-
-    no_cache = cache_dir is False
-    res = features_mod.extract_features(
-        fields, encoder, stains=stains or None, cache_dir=None if no_cache else cache_dir,
-        batch_size=batch_size, progress=_extract_progress, should_stop=should_stop,
-        use_cache=not no_cache, normalization=getattr(cfg, "input_normalization", "field"),
-    )
-    index = np.asarray(res.index, dtype=np.int64)
-    skipped = [[int(p), str(m)] for p, m in (res.skipped or [])]
-    if index.size == 0:
-        first = f"; first error: {skipped[0][1]}" if skipped else ""
-        raise PlateError(f"none of the {n} fields could be read{first}")
-    ok_fields = fields.iloc[index].reset_index(drop=True)
-    feats = np.asarray(res.features, dtype=np.float32)
-
-    # ---- plate-effect correction (statistics from this plate's controls)
-    if spec is not None:
-        feats = correction.apply(feats, ok_fields, spec)
-
-    # ---- CellCLIP image tower
-    m = len(index)
-
-    def _encode_progress(done: int, tot: int) -> None:
-        if progress is not None:
-            progress(n + int(round(done * n / max(tot, 1))), total)
-
-    emb = embed_features(
-        feats, model, batch_size=max(ENCODE_BATCH, batch_size),
-        progress=_encode_progress, should_stop=should_stop,
-    )
-    if emb.shape[0] != m:  # pragma: no cover - defensive
-        raise CellClipError(f"model returned {emb.shape[0]} embeddings for {m} fields")
-    info = dict(info_base, skipped=skipped, n_embedded=m)
-    store = EmbeddingStore(emb, ok_fields, model_id, level="field", info=info, normalize=False)
+                store.save(cached_path)
+            except OSError as e:  # a read-only cache must not break embedding
+                warnings.warn(f"could not cache embeddings in {cached_path}: {e}", CellClipWarning, stacklevel=2)
     if progress is not None:
         progress(total, total)
-    if cached_path is not None:
-        try:
-            store.save(cached_path)
-        except OSError as e:  # a read-only cache must not break embedding
-            warnings.warn(f"could not cache embeddings in {cached_path}: {e}", CellClipWarning, stacklevel=2)
     return store
+
+
+def _embed(fields: pd.DataFrame, model, encoder, model_id: str, *, cache_dir, batch_size: int,
+           progress: ProgressFn | None, should_stop: StopFn | None) -> EmbeddingStore:
+    """Features (cached) → towers → store.  ``progress(done, n)`` per feature batch, below ``n``:
+    the caller reports ``(n, n)`` once the store is complete."""
+    from . import features as features_mod
+
+    n = len(fields)
+    cfg = model.config
+    no_cache = cache_dir is False
+    res = features_mod.extract_features(
+        fields, encoder, stains=list(cfg.stains) or None, cache_dir=None if no_cache else cache_dir,
+        batch_size=batch_size, progress=(lambda d, t: d < n and progress(d, n)) if progress else None,
+        should_stop=should_stop, use_cache=not no_cache, normalization=getattr(cfg, "input_normalization", "field"))
+    skipped = [[int(p), str(m)] for p, m in (res.skipped or [])]
+    if len(res.index) == 0:
+        first = f"; first error: {skipped[0][1]}" if skipped else ""
+        raise PlateError(f"none of the {n} fields could be read{first}")
+    ok_fields = fields.iloc[np.asarray(res.index, dtype=np.int64)].reset_index(drop=True)
+    correction, spec = correction_spec(model)
+    emb = image_embeddings(
+        model, res.features, ok_fields, correction_spec=spec, batch_size=max(ENCODE_BATCH, batch_size),
+        should_stop=should_stop)
+    if emb.fields.shape[0] != len(ok_fields):  # pragma: no cover - defensive
+        raise CellClipError(f"model returned {emb.fields.shape[0]} embeddings for {len(ok_fields)} fields")
+    info = {"image_encoder": getattr(encoder, "spec", str(encoder)),
+            "encoder_identity": getattr(encoder, "identity", ""),
+            "stains": list(cfg.stains), "input_normalization": getattr(cfg, "input_normalization", "field"),
+            "feature_correction": correction.to_json(spec) if correction is not None else None,
+            "n_input_fields": n, "skipped": skipped, "n_embedded": len(ok_fields)}
+    wells = EmbeddingStore(emb.wells, emb.well_table, model_id, level="well", normalize=False,
+                           info=dict(info, well_pooling="model"))
+    return EmbeddingStore(emb.fields, ok_fields, model_id, level="field", info=info, normalize=False, wells=wells)

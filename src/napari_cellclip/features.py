@@ -1,24 +1,33 @@
-"""Batched extraction of frozen per-channel features, with an on-disk cache.
+"""The feature engine: frozen per-channel features of a fields table, batched, with an on-disk cache.
 
-:func:`extract_features` reads the fields of a fields table, encodes every stain
-plane with a :class:`~napari_cellclip.encoders.ChannelEncoder` and returns a
-``(N_ok, C, D)`` array.  Each field's features are cached on disk so that
-training, evaluation and the napari plugin never encode the same field twice.
+One road for every caller (the plugin's :func:`napari_cellclip.embed.embed_fields`, the
+embedding job :mod:`napari_cellclip.pipeline`, training): :func:`iter_features` runs one
+torch ``DataLoader`` over the fields (:class:`FieldSource`, one collate), where each worker
+process, per field, looks the field up in the cache or decodes its channel files and runs the
+encoder's picklable preparation (``encoder.field_prep``: rescale to [0, 1] by the field's own
+percentiles or its plate's range, keep the region the encoder sees); the main process puts each
+batch through ``encoder.encode`` on the device (from pinned memory on CUDA), writes new cache
+entries and yields a :class:`FeatureBatch`.  :func:`extract_features` collects it into a
+``(N_ok, C, D)`` array with progress and cancel.  A concatenated encoder (``"morphology+cells"``,
+:mod:`napari_cellclip.encoders.concat`) takes this road once per part, over the same batches,
+each part under its own cache identity, and the parts' features are joined per channel.
 
 Cache layout (``default_cache_dir()`` unless ``cache_dir`` is given)::
 
     <cache_dir>/<encoder identity hash, 16 hex>/
         encoder.json                 # the full identity string, for humans
         <key[:2]>/<key>.npy          # float32 (C, D), one per field
+    <cache_dir>/plate-ranges/<key[:2]>/<key>.npy   # (C, 2) per-plate intensity range
 
 ``key`` is a blake2b digest of: the encoder identity, the normalisation
 parameters (the percentiles, or under plate normalisation the plate's fixed
-per-channel range itself), and, per channel in order, the stain name, the blake2b digest of the
-channel file's raw bytes and the frame index (multi-channel TIFF) — so a cached
+per-channel range itself), and, per channel in order, the stain name, the content digest of
+the channel's data (:func:`images.channel_digest`: a file's raw bytes, or an OME-Zarr field's
+metadata and array chunks) and the frame index (channel in a multi-channel file) — so a cached
 field is never decoded, and a changed file, stain order, frame, normalisation or
-encoder gives a new key.  Entries are written to a temporary file and moved into
-place with :func:`os.replace`, so a cancelled or killed job leaves only complete
-entries; an unreadable entry is recomputed.
+encoder gives a new key.  A plate's range is keyed by the digests of the fields it is sampled
+from.  Entries are written atomically (:mod:`napari_cellclip._fsutil`), so a cancelled or
+killed job leaves only complete entries; an unreadable entry is recomputed.
 """
 
 from __future__ import annotations
@@ -26,23 +35,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._fsutil import file_digest
+from ._fsutil import atomic_save_npy, atomic_write_text
 from .errors import Cancelled, CellClipError, CellClipWarning, ImageReadError
+from .images import NORM_HIGH, NORM_LOW
 
-#: percentile normalisation applied by images.load_field_normalized
-NORM_LOW = 1.0
-NORM_HIGH = 99.9
 _KEY_VERSION = "features-v1"
 
-__all__ = ["FeatureResult", "default_cache_dir", "extract_features", "field_cache_key", "clear_cache"]
+__all__ = ["FeatureResult", "FeatureBatch", "FeatureCache", "default_cache_dir", "extract_features",
+           "iter_features", "field_cache_key", "clear_cache", "NORM_LOW", "NORM_HIGH"]
 
 
 @dataclass
@@ -63,6 +70,20 @@ class FeatureResult:
     n_encoded: int = 0
 
 
+@dataclass
+class FeatureBatch:
+    """One batch of :func:`iter_features`: ``features`` (n, C, D) float32 of the table rows
+    ``positions`` (n,), ``errors`` ``[(position, message, path or None)]`` of the batch's rows
+    that could not be read, and how many rows came from the cache / were encoded now (the first
+    ``n_cached`` positions are the cached rows)."""
+
+    positions: np.ndarray
+    features: np.ndarray
+    errors: list
+    n_cached: int
+    n_encoded: int
+
+
 def default_cache_dir() -> Path:
     """``$NAPARI_CELLCLIP_CACHE`` or ``$XDG_CACHE_HOME/napari-cellclip/features``
     (``~/.cache/napari-cellclip/features`` when XDG_CACHE_HOME is unset)."""
@@ -74,13 +95,24 @@ def default_cache_dir() -> Path:
     return base / "napari-cellclip" / "features"
 
 
-# -- hashing -----------------------------------------------------------------
-def _file_digest(path: Path) -> str:
-    """Content digest of an image file; an unreadable file is an ImageReadError naming it."""
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        raise ImageReadError(path, f"file not found or not readable ({exc.strerror or exc})") from None
+def clear_cache(cache_dir=None) -> None:
+    """Delete the feature cache folder (all encoders)."""
+    import shutil
+
+    d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if d.exists():
+        shutil.rmtree(d)
+
+
+# -- keys --------------------------------------------------------------------
+def _hash_channels(h, row, stains: Sequence[str]) -> None:
+    """Each channel's stain, content digest (:func:`images.channel_digest`: a file's bytes, or an
+    OME-Zarr field's metadata and chunks) and frame; an unreadable one is an ImageReadError naming it."""
+    from .images import channel_digest, channel_frame
+
+    for stain in stains:
+        frame = channel_frame(row, stain)
+        h.update(f"{stain}\0{channel_digest(row, stain)}\0{'' if frame is None else frame}\0".encode())
 
 
 def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
@@ -90,7 +122,7 @@ def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
     ``ranges``: the field's fixed (C, 2) intensity range under plate normalisation
     (None: per-field percentiles ``low``/``high``).
     """
-    from .images import channel_frame, channel_path, row_value
+    from .images import row_value
 
     h = hashlib.blake2b(digest_size=20)
     if ranges is None:
@@ -101,158 +133,265 @@ def field_cache_key(row, stains: Sequence[str], encoder_identity: str,
     axes = row_value(row, "Metadata_ChannelAxes")
     if axes:
         h.update(f"axes={axes}\0".encode())
-    for stain in stains:
-        path = channel_path(row, stain)
-        frame = channel_frame(row, stain)
-        h.update(f"{stain}\0{_file_digest(path)}\0{'' if frame is None else frame}\0".encode())
+    _hash_channels(h, row, stains)
     return h.hexdigest()
 
 
-def _cached_plate_ranges(fields, stains: Sequence[str], low: float, high: float, root: Path | None) -> dict:
-    """:func:`images.plate_ranges`, each plate's range cached under ``<root>/plate-ranges/``
-    by the content digests of the fields it is sampled from (so a cached plate is not
-    decoded again).  A plate whose sample has a file that cannot be hashed is computed
-    and not cached."""
-    from . import images
-
-    out = {}
-    for plate, rows in images.plate_samples(fields).items():
-        path = None
-        if root is not None:
-            h = hashlib.blake2b(digest_size=20)
-            h.update(f"plate-ranges-v1\0p{low:g}-{high:g}\0stride={images.PLATE_SAMPLE_STRIDE}\0"
-                     f"px={images.PLATE_SAMPLE_PIXELS}\0".encode())
-            try:
-                for i in rows:
-                    row = fields.iloc[int(i)]
-                    for stain in stains:
-                        frame = images.channel_frame(row, stain)
-                        h.update(f"{stain}\0{_file_digest(images.channel_path(row, stain))}\0"
-                                 f"{'' if frame is None else frame}\0".encode())
-                path = _entry_path(root / "plate-ranges", h.hexdigest())
-            except (CellClipError, OSError):
-                path = None
-        cached = _load_entry(path, (len(stains), 2)) if path is not None else None
-        if cached is not None:
-            out[plate] = cached
-            continue
-        r = images.sample_range(fields, rows, stains, low, high)
-        if r is not None:
-            out[plate] = r
-            if path is not None:
-                try:
-                    _save_entry(path, r)
-                except OSError:
-                    pass  # an unwritable cache only costs the recomputation next time
-    return out
+# -- the cache ---------------------------------------------------------------
+def _entry_path(folder: Path, key: str) -> Path:
+    return folder / key[:2] / f"{key}.npy"
 
 
-# -- cache I/O ---------------------------------------------------------------
-def _entry_path(encoder_dir: Path, key: str) -> Path:
-    return encoder_dir / key[:2] / f"{key}.npy"
-
-
-def _load_entry(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+def _load_entry(path: Path, shape: tuple) -> np.ndarray | None:
     try:
         arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, EOFError):
-        return None  # unreadable entry: recompute and overwrite
-    if arr.shape != shape or arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
+        return None  # missing or unreadable entry: recompute (and overwrite)
+    if arr.shape != tuple(shape) or arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
         return None
     return arr
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+class FeatureCache:
+    """The on-disk feature cache of one encoder (see the module doc); picklable for workers.
+
+    Creating it writes ``encoder.json``: an unwritable cache folder is a CellClipError naming it.
+    """
+
+    def __init__(self, root, encoder):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.identity = str(encoder.identity)
+        self.folder = self.root / hashlib.blake2b(self.identity.encode(), digest_size=8).hexdigest()
+        meta = self.folder / "encoder.json"
+        if not meta.exists():
+            try:
+                atomic_write_text(meta, json.dumps({"spec": getattr(encoder, "spec", ""), "identity": self.identity,
+                                                    "dim": int(encoder.dim)}, indent=1))
+            except OSError as exc:
+                raise CellClipError(f"feature cache folder {self.folder} is not writable: {exc}") from None
+
+    def key(self, row, stains, ranges, low: float, high: float) -> str:
+        return field_cache_key(row, stains, self.identity, low, high, ranges)
+
+    def load(self, key: str, shape: tuple) -> np.ndarray | None:
+        return _load_entry(_entry_path(self.folder, key), shape)
+
+    def save(self, key: str, features: np.ndarray) -> None:
+        atomic_save_npy(_entry_path(self.folder, key), np.ascontiguousarray(features, dtype=np.float32))
+
+
+def _plate_range_path(root: Path | None, fields, rows, stains, low, high) -> Path | None:
+    """Where a plate's range is cached: keyed by the content of the fields it is sampled from
+    (None without a cache, or when a sampled file cannot be hashed: then it is computed, not cached)."""
+    from . import images
+
+    if root is None:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"plate-ranges-v1\0p{low:g}-{high:g}\0stride={images.PLATE_SAMPLE_STRIDE}\0"
+             f"px={images.PLATE_SAMPLE_PIXELS}\0".encode())
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        for i in rows:
+            _hash_channels(h, fields.iloc[int(i)], stains)
+    except (CellClipError, OSError):
+        return None
+    return _entry_path(root / "plate-ranges", h.hexdigest())
 
 
-def _save_entry(path: Path, arr: np.ndarray) -> None:
-    import io
+def plate_ranges(fields, stains: Sequence[str], cache_dir=None, *, use_cache: bool = True,
+                 low: float = NORM_LOW, high: float = NORM_HIGH) -> dict:
+    """:func:`napari_cellclip.images.plate_ranges`, each plate's range cached under
+    ``<cache>/plate-ranges/`` (so a cached plate is not decoded again)."""
+    from . import images
 
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-    _atomic_write_bytes(path, buf.getvalue())
-
-
-def _encoder_dir(cache_dir: Path, encoder) -> Path:
-    digest = hashlib.blake2b(str(encoder.identity).encode(), digest_size=8).hexdigest()
-    d = cache_dir / digest
-    meta = d / "encoder.json"
-    if not meta.exists():
-        try:
-            _atomic_write_bytes(meta, json.dumps({"spec": getattr(encoder, "spec", ""),
-                                                  "identity": encoder.identity,
-                                                  "dim": int(encoder.dim)}, indent=1).encode())
-        except OSError as exc:
-            raise CellClipError(f"feature cache folder {d} is not writable: {exc}") from None
-    return d
-
-
-def clear_cache(cache_dir=None) -> None:
-    """Delete the feature cache folder (all encoders)."""
-    import shutil
-
-    d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if d.exists():
-        shutil.rmtree(d)
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) if use_cache else None
+    out = {}
+    for plate, rows in images.plate_samples(fields).items():
+        path = _plate_range_path(root, fields, rows, stains, low, high)
+        cached = _load_entry(path, (len(stains), 2)) if path is not None else None
+        r = cached if cached is not None else images.sample_range(fields, rows, stains, low, high)
+        if r is None:
+            continue
+        out[plate] = r
+        if path is not None and cached is None:
+            try:
+                atomic_save_npy(path, r)
+            except OSError:
+                pass  # an unwritable cache only costs the recomputation next time
+    return out
 
 
 # -- loading (DataLoader) ----------------------------------------------------
-class _FieldDataset:
-    """Map-style dataset over fields to decode: item → (pos, array | None, message | None)."""
+class FieldSource:
+    """Map-style dataset over the fields to encode, run in the DataLoader workers.
 
-    def __init__(self, rows: list[dict], positions: list[int], stains: list[str], low: float, high: float,
-                 ranges: list | None = None, prep=None):
-        self.rows, self.positions, self.stains = rows, positions, stains
-        self.low, self.high = low, high
-        self.prep = prep  # the encoder's field_prep: raw field, ranges -> prepared array (in the worker)
-        self.ranges = ranges if ranges is not None else [None] * len(rows)
+    Item → ``(position, array, error, cache key, cached)``: the cached ``(C, D)`` features, or
+    the prepared field (``encoder.field_prep``); ``error`` = ``(message, path)`` when the field
+    cannot be read (its array is then None).
+    """
+
+    def __init__(self, records: list[dict], stains: list[str], prep, ranges: list, cache: FeatureCache | None,
+                 shape: tuple, low: float, high: float):
+        self.records, self.stains, self.prep, self.ranges = records, stains, prep, ranges
+        self.cache, self.shape, self.low, self.high = cache, shape, low, high
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.records)
 
     def __getitem__(self, i: int):
-        from .images import load_field, load_field_normalized, normalize_range
+        from .images import load_field
 
-        pos = self.positions[i]
+        key = None
         try:
-            if self.prep is not None:
-                arr = self.prep(load_field(self.rows[i], self.stains), self.ranges[i])
-            elif self.ranges[i] is None:
-                arr = load_field_normalized(self.rows[i], self.stains, low=self.low, high=self.high)
-            else:
-                arr = normalize_range(load_field(self.rows[i], self.stains), self.ranges[i])
-            return pos, np.ascontiguousarray(arr, dtype=np.float32), None
+            if self.cache is not None:
+                key = self.cache.key(self.records[i], self.stains, self.ranges[i], self.low, self.high)
+                hit = self.cache.load(key, self.shape)
+                if hit is not None:
+                    return i, hit, None, key, True
+            arr = self.prep(load_field(self.records[i], self.stains), self.ranges[i])
+            return i, arr, None, key, False
         except CellClipError as exc:
-            return pos, None, (str(exc), getattr(exc, "path", None))
+            return i, None, (str(exc), getattr(exc, "path", None)), None, False
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill a long job
-            return pos, None, (f"field at row {pos}: cannot load ({type(exc).__name__}: {exc})", None)
+            return i, None, (f"field at row {i}: cannot load ({type(exc).__name__}: {exc})", None), None, False
 
 
-def _collate(items):
-    return items
+def _stack(items) -> tuple:
+    import torch
+
+    return (torch.tensor([p for p, _, _ in items], dtype=torch.int64),
+            torch.from_numpy(np.stack([a for _, a, _ in items])), [k for _, _, k in items])
 
 
-def _stains_of(fields) -> list[str]:
+def collate(items) -> dict:
+    """In the worker: cached features together, prepared fields stacked by shape (pinned by the loader)."""
+    groups: dict[tuple, list] = {}
+    cached, errors = [], []
+    for pos, arr, err, key, hit in items:
+        if arr is None:
+            errors.append((pos, err[0], err[1]))
+        else:
+            (cached if hit else groups.setdefault(arr.shape, [])).append((pos, arr, key))
+    return {"groups": [_stack(g) for g in groups.values()], "cached": _stack(cached) if cached else None,
+            "errors": errors}
+
+
+def _records(fields, stains: Sequence[str]) -> list[dict]:
+    """The columns a worker needs, as plain dicts (cheap to send to worker processes)."""
+    cols = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_ChannelAxes")
+            if c in fields.columns]
+    for s in stains:
+        cols += [c for c in (f"FileName_Orig{s}", f"PathName_Orig{s}", f"Frame_Orig{s}") if c in fields.columns]
+    return fields[cols].to_dict(orient="records")
+
+
+def _encode(batch: dict, encoder, cache: FeatureCache | None, shape: tuple) -> FeatureBatch:
+    """The main process's half of a batch: encode the prepared fields, store them in the cache."""
+    positions, feats = [], []
+    if batch["cached"] is not None:
+        rows, x, _ = batch["cached"]
+        positions.append(rows.numpy())
+        feats.append(x.numpy())
+    n_cached = sum(len(p) for p in positions)
+    for rows, x, keys in batch["groups"]:  # fields of different shapes are encoded apart
+        f = encoder.encode(x).numpy().astype(np.float32, copy=False)
+        if f.shape != (len(rows),) + tuple(shape):
+            raise CellClipError(f"encoder {getattr(encoder, 'spec', encoder)!r} returned shape {f.shape}, "
+                                f"expected {(len(rows),) + tuple(shape)}")
+        if cache is not None:
+            for k, v in zip(keys, f):
+                cache.save(k, v)
+        positions.append(rows.numpy())
+        feats.append(f)
+    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    out = np.concatenate(feats) if feats else np.zeros((0,) + tuple(shape), np.float32)
+    return FeatureBatch(pos.astype(np.int64), out, list(batch["errors"]), n_cached, len(pos) - n_cached)
+
+
+def _as_encoder(encoder):
+    if isinstance(encoder, str):
+        from .encoders import get_encoder
+
+        return get_encoder(encoder)
+    return encoder
+
+
+def _stains_of(fields, stains) -> list[str]:
+    from .plates import stains as plate_stains
+
+    out = list(stains) if stains is not None else list(plate_stains(fields))
+    if not out:
+        raise CellClipError("the fields table has no FileName_Orig<stain> columns; no channels to encode")
+    return out
+
+
+def iter_features(fields, encoder, *, stains: Sequence[str] | None = None, cache_dir=None, use_cache: bool = True,
+                  batch_size: int = 8, num_workers: int = 0, normalization: str = "field", ranges: dict | None = None,
+                  batches: Sequence[Sequence[int]] | None = None, prefetch: int = 2,
+                  low: float = NORM_LOW, high: float = NORM_HIGH) -> Iterator[FeatureBatch]:
+    """Features of the fields of ``fields``, one :class:`FeatureBatch` per batch (see the module doc).
+
+    ``batches``: the row positions of each batch (default: consecutive runs of ``batch_size``
+    rows); ``ranges``: precomputed ``{plate: (C, 2) range}`` under plate normalisation (default:
+    computed now, cached); ``num_workers``: decoding worker processes (0: in this process);
+    ``prefetch``: batches each worker prepares ahead.  Other parameters as :func:`extract_features`.
+    """
+    import torch
+
+    from .images import check_normalization, field_ranges
+
+    encoder = _as_encoder(encoder)
+    stains = _stains_of(fields, stains)
+    if check_normalization(normalization) == "plate" and ranges is None:
+        ranges = plate_ranges(fields, stains, cache_dir, use_cache=use_cache, low=low, high=high)
+    if batches is None:
+        step = max(1, int(batch_size))
+        batches = [list(range(a, min(a + step, len(fields)))) for a in range(0, len(fields), step)]
+    if getattr(encoder, "parts", None):  # "morphology+cells": each part through this road, under its own cache
+        yield from _iter_parts(fields, encoder.parts, dict(
+            stains=stains, cache_dir=cache_dir, use_cache=use_cache, num_workers=num_workers,
+            normalization=normalization, ranges=ranges, batches=batches, prefetch=prefetch, low=low, high=high))
+        return
+    shape = (len(stains), int(encoder.dim))
+    cache = FeatureCache(cache_dir, encoder) if use_cache else None
+    prep = encoder.field_prep(stains, low=low, high=high)
+    row_ranges = field_ranges(fields, stains, normalization, low, high, ranges=ranges)
+    dataset = FieldSource(_records(fields, stains), stains, prep, row_ranges, cache, shape, low, high)
+    workers = max(0, int(num_workers))
+    device = getattr(encoder, "device", None)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        pin_memory=getattr(device, "type", "cpu") == "cuda", prefetch_factor=prefetch if workers else None,
+        persistent_workers=False)
+    it = iter(loader)
     try:
-        from .plates import stains as plate_stains
+        for batch in it:
+            yield _encode(batch, encoder, cache, shape)
+    finally:
+        del it
 
-        return list(plate_stains(fields))
-    except ImportError:  # pragma: no cover - plates always present in the package
-        return [c[len("FileName_Orig"):] for c in fields.columns if str(c).startswith("FileName_Orig")]
+
+def _iter_parts(fields, parts, kw: dict) -> Iterator[FeatureBatch]:
+    """Batches of a concatenated encoder: the parts' batches (same rows, each part read from and
+    written to its own cache, so ``cells`` features measured once serve ``cells`` and
+    ``morphology+cells``) joined per channel; a row any part could not read is an error of the join."""
+    streams = [iter_features(fields, part, **kw) for part in parts]
+    try:
+        for fbs in zip(*streams):
+            errors = {pos: (msg, path) for fb in fbs for pos, msg, path in fb.errors}
+            rows = [dict(zip(fb.positions.tolist(), range(len(fb.positions)))) for fb in fbs]
+            keep = [p for p in fbs[0].positions.tolist() if p not in errors and all(p in r for r in rows)]
+            feats = [fb.features[[r[p] for p in keep]] for fb, r in zip(fbs, rows)]
+            cached = set.intersection(*(set(fb.positions[:fb.n_cached].tolist()) for fb in fbs))
+            n_cached = sum(p in cached for p in keep)
+            out = np.concatenate(feats, axis=-1) if keep else \
+                np.zeros((0, len(kw["stains"]), sum(f.shape[-1] for f in feats)), np.float32)
+            yield FeatureBatch(np.asarray(keep, np.int64), np.ascontiguousarray(out, dtype=np.float32),
+                               [(p, m, path) for p, (m, path) in sorted(errors.items())], n_cached,
+                               len(keep) - n_cached)
+    finally:
+        for s in streams:
+            s.close()
 
 
 def extract_features(
@@ -270,7 +409,7 @@ def extract_features(
     high: float = NORM_HIGH,
     normalization: str = "field",
 ) -> FeatureResult:
-    """Per-channel frozen features of every field of ``fields``.
+    """Per-channel frozen features of every field of ``fields`` (:func:`iter_features`, collected).
 
     Parameters
     ----------
@@ -286,7 +425,7 @@ def extract_features(
     batch_size, num_workers :
         Fields per encoder call; decoding worker processes (0 = in-process).
     progress : callable(done, total), optional
-        Called after each batch (and once at the start with the cached count).
+        Called once at the start and after each batch.
     should_stop : callable() -> bool, optional
         Checked between batches; when it returns True, :class:`Cancelled` is raised.
     normalization : ``"field"`` or ``"plate"``
@@ -300,134 +439,47 @@ def extract_features(
         Unreadable fields are skipped with a :class:`CellClipWarning` naming the
         file; if *no* field can be read, the first :class:`ImageReadError` is raised.
     """
-    import torch
-
-    if isinstance(encoder, str):
-        from .encoders import get_encoder
-
-        encoder = get_encoder(encoder)
-    stains = list(stains) if stains is not None else _stains_of(fields)
-    if not stains:
-        raise CellClipError("the fields table has no FileName_Orig<stain> columns; no channels to encode")
-    if hasattr(encoder, "with_stains"):  # encoders that must know which channel is which (cells)
-        encoder = encoder.with_stains(stains)
-    if getattr(encoder, "parts", None):  # "morphology+cells": each part through its own cache entries
-        return _extract_concat(fields, encoder.parts, stains, progress, dict(
-            cache_dir=cache_dir, batch_size=batch_size, num_workers=num_workers, should_stop=should_stop,
-            use_cache=use_cache, low=low, high=high, normalization=normalization))
-    n = len(fields)
-    c, d = len(stains), int(encoder.dim)
-    batch_size = max(1, int(batch_size))
-    rows = [r for r in fields.to_dict(orient="records")]
-    from .images import check_normalization, field_ranges
-
-    root = None
-    if use_cache:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    plates = (_cached_plate_ranges(fields, stains, low, high, root)
-              if check_normalization(normalization) == "plate" else None)
-    ranges = field_ranges(fields, stains, normalization, low, high, ranges=plates)
+    encoder = _as_encoder(encoder)
+    stains = _stains_of(fields, stains)
+    n, done = len(fields), 0
+    parts, errors, n_cached = [], {}, 0
 
     def _stop():
         if should_stop is not None and should_stop():
             raise Cancelled("feature extraction cancelled")
 
-    enc_dir = _encoder_dir(root, encoder) if root is not None else None
-
-    results: dict[int, np.ndarray] = {}
-    errors: dict[int, tuple[str, str | None]] = {}
-    keys: dict[int, str] = {}
-    todo: list[int] = []
-    for pos, row in enumerate(rows):
-        if use_cache:
-            try:
-                key = field_cache_key(row, stains, encoder.identity, low, high, ranges[pos])
-            except CellClipError as exc:
-                errors[pos] = (str(exc), getattr(exc, "path", None))
-                continue
-            keys[pos] = key
-            cached = _load_entry(_entry_path(enc_dir, key), (c, d))
-            if cached is not None:
-                results[pos] = cached
-                continue
-        todo.append(pos)
-    n_cached = len(results)
-    done = n_cached + len(errors)
     if progress is not None:
-        progress(done, n)
-
-    if todo:
+        progress(0, n)
+    _stop()
+    for fb in iter_features(fields, encoder, stains=stains, cache_dir=cache_dir, use_cache=use_cache,
+                            batch_size=batch_size, num_workers=num_workers, normalization=normalization,
+                            low=low, high=high):
+        parts.append(fb)
+        errors.update({pos: (msg, path) for pos, msg, path in fb.errors})
+        n_cached += fb.n_cached
+        done += len(fb.positions) + len(fb.errors)
+        if progress is not None:
+            progress(done, n)
         _stop()
-        prep = encoder.field_prep(stains, low=low, high=high) if hasattr(encoder, "field_prep") else None
-        dataset = _FieldDataset([rows[p] for p in todo], todo, stains, low, high, [ranges[p] for p in todo],
-                                prep=prep)
-        workers = max(0, int(num_workers))
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-            collate_fn=_collate, persistent_workers=False,
-        )
-        iterator = iter(loader)
-        try:
-            for batch in iterator:
-                groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
-                for pos, arr, err in batch:
-                    if arr is None:
-                        errors[pos] = err
-                    elif prep is None and arr.shape[0] != c:
-                        errors[pos] = (f"field at row {pos}: {arr.shape[0]} channels, expected {c}", None)
-                    else:
-                        groups.setdefault(arr.shape, []).append((pos, arr))
-                for items in groups.values():  # fields of different H, W are encoded apart
-                    x = torch.from_numpy(np.stack([a for _, a in items]))
-                    feats = encoder.encode(x).numpy().astype(np.float32, copy=False)
-                    if feats.shape != (len(items), c, d):
-                        raise CellClipError(
-                            f"encoder {getattr(encoder, 'spec', encoder)!r} returned shape {feats.shape}, "
-                            f"expected {(len(items), c, d)}"
-                        )
-                    for (pos, _), f in zip(items, feats):
-                        results[pos] = f
-                        if use_cache:
-                            _save_entry(_entry_path(enc_dir, keys[pos]), f)
-                done += len(batch)
-                if progress is not None:
-                    progress(done, n)
-                _stop()
-        finally:
-            del iterator
+    return _collect(parts, errors, n, stains, n_cached, (len(stains), int(encoder.dim)))
 
+
+def _collect(parts: list[FeatureBatch], errors: dict, n: int, stains: list, n_cached: int,
+             shape: tuple) -> FeatureResult:
+    """Batches → one :class:`FeatureResult` in table order; warn about (or raise for) unreadable fields."""
     skipped = []
     for pos in sorted(errors):
         msg, _path = errors[pos]
         skipped.append((pos, msg))
-        warnings.warn(f"skipped field (row {pos}): {msg}", CellClipWarning, stacklevel=2)
-    if n and not results:
+        warnings.warn(f"skipped field (row {pos}): {msg}", CellClipWarning, stacklevel=3)
+    pos = np.concatenate([p.positions for p in parts]) if parts else np.zeros(0, np.int64)
+    if n and not len(pos):
         first_msg, first_path = errors[min(errors)]
         if first_path is not None and first_msg.startswith(f"{first_path}: "):
             first_msg = first_msg[len(first_path) + 2:]
-        summary = f"none of the {n} fields could be read; first failure: {first_msg}"
-        if first_path is not None:
-            raise ImageReadError(first_path, summary)
-        raise ImageReadError("<fields table>", summary)
-
-    order = np.array(sorted(results), dtype=np.int64)
-    feats = np.stack([results[p] for p in order]).astype(np.float32) if len(order) else \
-        np.zeros((0, c, d), dtype=np.float32)
-    return FeatureResult(features=feats, index=order, skipped=skipped, stains=stains,
-                         n_cached=n_cached, n_encoded=len(order) - n_cached)
-
-
-def _extract_concat(fields, parts, stains, progress, kw) -> FeatureResult:
-    """Features of a concatenated encoder: each part's (cached under its own identity, so
-    ``cells`` features computed once serve ``cells`` and ``morphology+cells``), joined per channel."""
-    n, k = len(fields), len(parts)
-    results = []
-    for i, part in enumerate(parts):
-        prog = None if progress is None else (lambda d, _t, i=i: progress(i * n + d, k * n))
-        results.append(extract_features(fields, part, stains=stains, progress=prog, **kw))
-    keep = np.asarray(sorted(set.intersection(*[set(r.index.tolist()) for r in results])), dtype=np.int64)
-    feats = np.concatenate([r.features[np.searchsorted(r.index, keep)] for r in results], axis=-1)
-    skipped = sorted({pos: msg for r in results for pos, msg in r.skipped}.items())
-    return FeatureResult(features=np.ascontiguousarray(feats, dtype=np.float32), index=keep, skipped=skipped,
-                         stains=list(stains), n_cached=min(r.n_cached for r in results),
-                         n_encoded=max(r.n_encoded for r in results))
+        raise ImageReadError(first_path if first_path is not None else "<fields table>",
+                             f"none of the {n} fields could be read; first failure: {first_msg}")
+    order = np.argsort(pos, kind="stable")
+    feats = np.concatenate([p.features for p in parts])[order] if parts else np.zeros((0,) + shape, np.float32)
+    return FeatureResult(features=np.ascontiguousarray(feats, dtype=np.float32), index=pos[order].astype(np.int64),
+                         skipped=skipped, stains=stains, n_cached=n_cached, n_encoded=len(pos) - n_cached)

@@ -38,7 +38,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from napari_cellclip._fsutil import atomic_dir
 from napari_cellclip.errors import CheckpointError, QueryError
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "DEFAULT_TEXT_ENCODER",
     "LOGIT_SCALE_INIT",
     "LOGIT_SCALE_MAX",
-    "check_state_dict",
     "resolve_text_encoder",
 ]
 
@@ -71,13 +69,6 @@ LOGIT_SCALE_MAX = math.log(100.0)
 SIGLIP_BIAS_INIT = -10.0
 POOL_HIDDEN = 128
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TEXT_DIR = "text"
-EXTRA_PREFIX = "extra."
-# keys a (possibly older) transformers version may have written that are not
-# parameters of the model; dropped silently when loading
-_BENIGN_KEYS = re.compile(r"^text\.embeddings\.(position_ids|token_type_ids)$")
 
 
 # --------------------------------------------------------------------------- config
@@ -100,6 +91,10 @@ class CellCLIPConfig:
     :data:`napari_cellclip.images.NORMALIZATIONS`).  Checkpoints written before
     the option existed, and the published one, mean "field".
 
+    ``prompt_context``: how the training prompts were written (``{"cell_line": ...,
+    "templates": {...}}``, see :func:`napari_cellclip.checkpoints.prompt_context`); a
+    plate without a cell line is described with the checkpoint's.
+
     Keys of a ``config.json`` that are not fields are kept in ``extras`` and
     written back unchanged.
     """
@@ -118,6 +113,7 @@ class CellCLIPConfig:
     image_encoder: str | None = "hf:facebook/dinov2-giant"
     feature_correction: dict | None = None
     input_normalization: str = "field"
+    prompt_context: dict | None = None
     loss: str = "cwcl"
     training: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
@@ -369,68 +365,6 @@ class MILPooling(nn.Module):
         return (a.unsqueeze(-1) * x).sum(dim=1)
 
 
-# --------------------------------------------------------------------------- state-dict checks
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
-                     where: str = "checkpoint") -> None:
-    """Raise CheckpointError listing missing, unexpected and wrong-shape keys."""
-    missing = sorted(k for k in expected if k not in given)
-    unexpected = sorted(k for k in given if k not in expected)
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(given[k].shape)} != model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong:
-        parts = [f"{where} does not match the CellCLIP model"]
-
-        def listing(title, items):
-            shown = items[:40]
-            more = f"\n    ... and {len(items) - 40} more" if len(items) > 40 else ""
-            return f"  {title} ({len(items)}):\n    " + "\n    ".join(shown) + more
-
-        if missing:
-            parts.append(listing("missing keys", missing))
-        if unexpected:
-            parts.append(listing("unexpected keys", unexpected))
-        if wrong:
-            parts.append(listing("wrong shapes", wrong))
-        raise CheckpointError("\n".join(parts))
-
-
-def _infer_bert_config(state: Mapping[str, torch.Tensor]):
-    """A BertConfig shaped like the ``text.*`` tensors of a published checkpoint.
-
-    Sizes come from the tensors; the head count (not visible in shapes)
-    follows the BERT family convention: 12 heads when hidden % 12 == 0
-    (bert-base-cased: 768/12, MiniLM: 384/12), else hidden // 64, else 1.
-    """
-    from transformers import BertConfig
-
-    key = "text.embeddings.word_embeddings.weight"
-    if key not in state:
-        raise CheckpointError(
-            "checkpoint has no text encoder: no text/ folder and no 'text.*' weights "
-            f"(missing {key})"
-        )
-    vocab, hidden = state[key].shape
-    layers = 1 + max(
-        (int(m.group(1)) for k in state if (m := re.match(r"text\.encoder\.layer\.(\d+)\.", k))),
-        default=-1,
-    )
-    inter_key = "text.encoder.layer.0.intermediate.dense.weight"
-    inter = state[inter_key].shape[0] if inter_key in state else 4 * hidden
-    pos_key = "text.embeddings.position_embeddings.weight"
-    max_pos = state[pos_key].shape[0] if pos_key in state else 512
-    tt_key = "text.embeddings.token_type_embeddings.weight"
-    type_vocab = state[tt_key].shape[0] if tt_key in state else 2
-    heads = 12 if hidden % 12 == 0 else (hidden // 64 if hidden % 64 == 0 else 1)
-    return BertConfig(
-        vocab_size=int(vocab), hidden_size=int(hidden), num_hidden_layers=int(layers),
-        num_attention_heads=int(heads), intermediate_size=int(inter),
-        max_position_embeddings=int(max_pos), type_vocab_size=int(type_vocab),
-    )
-
-
 def _load_tokenizer(spec):
     if spec is None or not isinstance(spec, (str, os.PathLike)):
         return spec
@@ -440,6 +374,53 @@ def _load_tokenizer(spec):
         return AutoTokenizer.from_pretrained(resolve_text_encoder(str(spec)))
     except Exception as exc:  # noqa: BLE001 - report any loader failure to the user
         raise CheckpointError(f"cannot load tokenizer {str(spec)!r}: {exc}") from None
+
+
+def _pretrained_text(config: CellCLIPConfig):
+    """(text model, tokenizer source, source folder) of ``config.text_encoder``, downloaded never:
+    a local folder or the bundled MiniLM."""
+    from transformers import AutoModel
+
+    source = resolve_text_encoder(config.text_encoder)
+    try:
+        text_model = AutoModel.from_pretrained(source)
+    except Exception as exc:  # noqa: BLE001 - report any loader failure to the user
+        raise CheckpointError(f"cannot load text encoder {config.text_encoder!r}: {exc}") from None
+    return text_model, source, (Path(source) if Path(source).is_dir() else None)
+
+
+def auto_text_pooling(text: nn.Module, source_dir: Path | None) -> str:
+    """``text_pooling="auto"``: a sentence-transformers model's own pooling, else the pooler, else mean."""
+    if source_dir is not None:
+        pool_cfg = source_dir / "1_Pooling" / "config.json"
+        if pool_cfg.is_file():  # a sentence-transformers model: use its pooling
+            try:
+                pc = json.loads(pool_cfg.read_text())
+                return "cls" if pc.get("pooling_mode_cls_token") else "mean"
+            except (OSError, json.JSONDecodeError):
+                return "mean"
+    return "pooler" if getattr(text, "pooler", None) is not None else "mean"
+
+
+def set_text_trainable(text: nn.Module, tuning: str, pooling: str) -> None:
+    """requires_grad of the text encoder: "frozen" (none, eval mode), "last:k" (the last k layers
+    and the pooler) or "full".  An unused pooler (``pooling != "pooler"``) stays frozen: DDP
+    rejects unused trainable parameters."""
+    k = _parse_tuning(tuning)
+    for p in text.parameters():
+        p.requires_grad_(k is None)
+    pooler = getattr(text, "pooler", None)
+    if k:  # last:k
+        layers = _encoder_layers(text)
+        if layers is None:
+            raise CheckpointError(f"text_tuning {tuning!r}: cannot find the layers of {type(text).__name__}")
+        for p in (p for m in list(layers)[-k:] + ([pooler] if pooler is not None else []) for p in m.parameters()):
+            p.requires_grad_(True)
+    if pooler is not None and pooling != "pooler":
+        for p in pooler.parameters():
+            p.requires_grad_(False)
+    if k == 0:
+        text.eval()
 
 
 # --------------------------------------------------------------------------- model
@@ -469,24 +450,14 @@ class CellCLIP(nn.Module):
 
         source_dir = None
         if text_model is None:
-            from transformers import AutoModel
-
-            source = resolve_text_encoder(config.text_encoder)
-            try:
-                text_model = AutoModel.from_pretrained(source)
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(
-                    f"cannot load text encoder {config.text_encoder!r}: {exc}"
-                ) from None
-            if tokenizer is None:
-                tokenizer = source
-            source_dir = Path(source) if Path(source).is_dir() else None
+            text_model, source, source_dir = _pretrained_text(config)
+            tokenizer = source if tokenizer is None else tokenizer
         self.text = text_model
         hidden = int(self.text.config.hidden_size)
         self.text_proj = nn.Linear(hidden, E)
 
         if config.text_pooling == "auto":
-            config.text_pooling = self._auto_text_pooling(source_dir)
+            config.text_pooling = auto_text_pooling(self.text, source_dir)
         if config.text_pooling == "pooler" and getattr(self.text, "pooler", None) is None:
             raise CheckpointError(
                 f"text_pooling='pooler' but text encoder {config.text_encoder!r} has no pooler"
@@ -496,51 +467,13 @@ class CellCLIP(nn.Module):
         self.extra_tensors: dict[str, torch.Tensor] = {}
         self.apply_text_tuning()
 
-    # -- text pooling / tuning ---------------------------------------------------------
-    def _auto_text_pooling(self, source_dir: Path | None) -> str:
-        if source_dir is not None:
-            pool_cfg = source_dir / "1_Pooling" / "config.json"
-            if pool_cfg.is_file():  # a sentence-transformers model: use its pooling
-                try:
-                    pc = json.loads(pool_cfg.read_text())
-                    if pc.get("pooling_mode_cls_token"):
-                        return "cls"
-                    return "mean"
-                except (OSError, json.JSONDecodeError):
-                    return "mean"
-        return "pooler" if getattr(self.text, "pooler", None) is not None else "mean"
-
+    # -- text tuning -------------------------------------------------------------------
     def apply_text_tuning(self, tuning: str | None = None) -> None:
-        """Set requires_grad on the text encoder per ``text_tuning``."""
+        """Set requires_grad on the text encoder per ``text_tuning`` (see :func:`set_text_trainable`)."""
         if tuning is not None:
             _parse_tuning(tuning)
             self.config.text_tuning = tuning
-        k = _parse_tuning(self.config.text_tuning)
-        text = self.text
-        for p in text.parameters():
-            p.requires_grad_(k is None)
-        if k:  # last:k
-            layers = _encoder_layers(text)
-            if layers is None:
-                raise CheckpointError(
-                    f"text_tuning {self.config.text_tuning!r}: cannot find the layers of "
-                    f"{type(text).__name__}"
-                )
-            for layer in list(layers)[-k:]:
-                for p in layer.parameters():
-                    p.requires_grad_(True)
-            pooler = getattr(text, "pooler", None)
-            if pooler is not None:
-                for p in pooler.parameters():
-                    p.requires_grad_(True)
-        # the pooler is unused unless text_pooling == "pooler": keep it out of
-        # the trainable set (DDP rejects unused trainable parameters)
-        pooler = getattr(text, "pooler", None)
-        if pooler is not None and self.config.text_pooling != "pooler":
-            for p in pooler.parameters():
-                p.requires_grad_(False)
-        if k == 0:
-            text.eval()
+        set_text_trainable(self.text, self.config.text_tuning, self.config.text_pooling)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -696,31 +629,12 @@ class CellCLIP(nn.Module):
         pooled = self.pool_instances(features)
         return self.visual(pooled), self.encode_text(input_ids, attention_mask), pooled
 
-    # -- save / load -------------------------------------------------------------------
+    # -- save / load (napari_cellclip.checkpoints) -------------------------------------
     def save_pretrained(self, path) -> Path:
-        """Write config.json + model.safetensors + text/ atomically (temp dir, rename)."""
-        from safetensors.torch import save_file
+        """Write config.json + model.safetensors + text/ atomically (see :func:`checkpoints.save_model`)."""
+        from .checkpoints import save_model
 
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise CheckpointError(f"{path} exists and is not a folder")
-        with atomic_dir(path) as tmp:
-            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-            for name, t in self.extra_tensors.items():
-                if not torch.is_tensor(t):
-                    raise CheckpointError(f"extra_tensors[{name!r}] is not a tensor")
-                tensors[EXTRA_PREFIX + name] = t.detach().to("cpu").contiguous().clone()
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(self.config.to_json() + "\n", encoding="utf-8")
-            text_dir = tmp / TEXT_DIR
-            text_dir.mkdir()
-            self.text.config.save_pretrained(str(text_dir))
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(str(text_dir))
-            for p in list(text_dir.iterdir()):  # tokenizers may write this; keep weights single-sourced
-                if p.name in ("pytorch_model.bin", "model.safetensors"):
-                    p.unlink()
-        return path
+        return save_model(self, path)
 
     @classmethod
     def from_pretrained(cls, path, device=None, *, tokenizer=None, text_config=None) -> "CellCLIP":
@@ -733,59 +647,9 @@ class CellCLIP(nn.Module):
         the ``text.*`` tensors, BERT-style).
         Returns the model in eval mode.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .checkpoints import read_model
 
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: not a checkpoint folder")
-        config = CellCLIPConfig.from_json_file(path / CONFIG_NAME)
-        weights = path / WEIGHTS_NAME
-        if not weights.is_file():
-            raise CheckpointError(f"{path}: no {WEIGHTS_NAME}")
-        try:
-            state = load_file(str(weights), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: cannot read weights ({exc})") from None
-
-        extra = {k[len(EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(EXTRA_PREFIX)}
-        state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX) and not _BENIGN_KEYS.match(k)}
-        if "bias" in state and "logit_bias" not in state:  # reference name of the SigLIP bias
-            state["logit_bias"] = state.pop("bias")
-            config.extras["use_bias"] = True
-
-        from transformers import AutoConfig, AutoModel, PretrainedConfig
-
-        text_dir = path / TEXT_DIR
-        try:
-            if text_config is not None:
-                tcfg = text_config if isinstance(text_config, PretrainedConfig) else AutoConfig.from_pretrained(str(text_config))
-            elif (text_dir / "config.json").is_file():
-                tcfg = AutoConfig.from_pretrained(str(text_dir))
-            else:
-                tcfg = _infer_bert_config(state)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot read the text encoder config ({exc})") from None
-        text_model = AutoModel.from_config(tcfg)
-
-        if tokenizer is None and (text_dir / "tokenizer_config.json").is_file():
-            tokenizer = str(text_dir)
-        model = cls(config, text_model=text_model, tokenizer=None)
-        if tokenizer is not None:
-            model.tokenizer = tokenizer
-        model.load_checkpoint_state(state, where=str(weights))
-        model.extra_tensors = dict(extra)
-        if device is not None:
-            model.to(device)
-        return model.eval()
-
-    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor], where: str = "state dict") -> None:
-        """Strictly load a state dict; CheckpointError lists any mismatch."""
-        expected = self.state_dict()
-        check_state_dict(expected, state, where)
-        self.load_state_dict(dict(state), strict=True)
+        return read_model(path, device, tokenizer=tokenizer, text_config=text_config)
 
 
 def _encoder_layers(text: nn.Module):

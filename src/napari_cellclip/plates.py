@@ -1,32 +1,47 @@
 """Find the fields of view of a plate and the stain of every channel.
 
-Layouts read (recursively under a folder):
+Layouts read (recursively under a folder; :func:`read_plate`):
 
-* Phenix / Harmony exports: ``rXXcYYfZZpPP-chNsk1fk1fl1.(tiff|tif|png)``;
-* ImageXpress: ``<prefix>_<well>_s<site>_w<channel><optional 36-char UUID>.tif``;
+* Phenix / Harmony exports: ``rXXcYYfZZpPP-chNsk1fk1fl1.(tiff|tif|png)`` (one plane per
+  field is read: the lowest plane number, with a warning when there are several);
+* ImageXpress: ``<prefix>_<well>_s<site>_w<channel><optional 36-char UUID>.tif``, also
+  split into one folder per dye (``<plate>-Hoechst/``, ``<plate>-ERSyto/`` … as in the
+  Bray et al. data);
+* OME-TIFF, one file per field (``*.ome.tif(f)``): channels, pixel size and the plate
+  position from its OME-XML; well and site from the file name otherwise;
+* OME-Zarr HCS plates (``*.zarr`` folders with NGFF ``plate`` metadata, 0.4 or 0.5);
+* one folder per field holding one image per stain named by dye (``A01_s1/Hoechst.tif``,
+  ``ERSyto.tif``, ``ERSytoBleed.tif``, ``Ph_golgi.tif``, ``Mito.tif``: Bray / CLOOME);
 * one multi-channel TIFF per field, with well and site from a user-given regular
-  expression (named groups ``well``, ``site``, optionally ``plate``, ``row``,
-  ``col``) and the channel axis stated explicitly (``CYX`` or ``YXC``);
-* a CellProfiler LoadData CSV (the Cell Painting Gallery manifest): one row per
-  field with ``Metadata_Plate/Well/Site`` and per stain ``FileName_Orig<Stain>``
-  + ``PathName_Orig<Stain>``.  A folder holding such a CSV is read through it.
+  expression (named groups ``well``, ``site``, optionally ``plate``, ``row``, ``col``) and
+  the channel axis stated explicitly (``CYX`` or ``YXC``);
+* a CellProfiler LoadData CSV (the Cell Painting Gallery manifest): one row per field
+  with ``Metadata_Plate/Well/Site`` and per stain ``FileName_Orig<Stain>`` +
+  ``PathName_Orig<Stain>``.  A folder holding such a CSV is read through it.
 
-The result is always a *fields table* in LoadData form (absolute
-``PathName_Orig*``), so a table read from any layout can be written back as a
-manifest with :func:`write_load_data`.
+This module recognises the layout (:func:`read_plate`, :func:`sniff`), names the stains and
+builds the table; the layouts themselves live in :mod:`napari_cellclip.formats`.
 
-Stain names come from a LoadData CSV, from a Harmony ``Index.idx.xml`` /
-``Index.xml`` beside the images (same folder or a parent), or from a mapping the
-user gives; otherwise channels stay ``ch1..chN`` and a warning says so.  Nothing
-is guessed silently.
+The result is always a *fields table* in LoadData form (absolute ``PathName_Orig*``;
+``Frame_Orig*`` = the channel index inside a multi-channel file or OME-Zarr image), so a
+table read from any layout can be written back as a manifest with :func:`write_load_data`
+and every other module reads any of them alike.
+
+Stain names, first found wins: a channel map you give; a ``channels.json`` /
+``channels.txt`` beside the plate (in its folder or up to two folders above); a LoadData
+CSV; the channel names a format carries (OME-XML, OME-Zarr ``omero`` labels, a Harmony
+``Index.idx.xml`` / ``Index.xml``, an ImageXpress ``.HTD``, dye-named files or folders),
+turned into stains by the dye vocabulary of :mod:`napari_cellclip.formats.dyes` with a
+warning listing the mapping used.  Otherwise channels stay ``ch1..chN`` and a warning says
+how to name them.  Nothing is guessed silently.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
-import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -34,9 +49,12 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from .errors import CellClipWarning, PlateError
-from .images import IMAGE_SUFFIXES, TIFF_SUFFIXES
+from .formats.dyes import canonical_stain, describe, stain_label
+from .images import IMAGE_SUFFIXES
 
 DEFAULT_STAINS = ("DNA", "ER", "RNA", "AGP", "Mito")
+LAYOUTS = ("auto", "load_data", "phenix", "imagexpress", "ome-tiff", "ome-zarr", "dye-folders", "multichannel")
+CHANNEL_MAP_FILES = ("channels.json", "channels.txt")
 
 PHENIX_RE = re.compile(
     r"^r(?P<row>\d{2})c(?P<col>\d{2})f(?P<site>\d{2,3})p(?P<plane>\d{2})-ch(?P<ch>\d+)"
@@ -50,28 +68,18 @@ IMAGEXPRESS_RE = re.compile(
     re.IGNORECASE,
 )
 WELL_RE = re.compile(r"^(?P<row>[A-Za-z]{1,2})(?P<col>\d{1,2})$")
-
-# Unambiguous stain / dye names -> canonical Cell Painting stain.  Fluorophore
-# names alone (e.g. "Alexa 488") are *not* mapped: their stain differs between
-# experiments, so they stay as they are and the user is asked for a mapping.
-STAIN_ALIASES = {
-    "dna": "DNA", "hoechst": "DNA", "hoechst 33342": "DNA", "dapi": "DNA", "nuclei": "DNA",
-    "er": "ER", "cona": "ER", "concanavalin a": "ER", "concanavalin": "ER",
-    "rna": "RNA", "syto": "RNA", "syto 14": "RNA", "syto14": "RNA",
-    "agp": "AGP", "phalloidin": "AGP", "wga": "AGP", "phalloidin/wga": "AGP", "actin": "AGP",
-    "mito": "Mito", "mitotracker": "Mito", "mitotracker deep red": "Mito", "mitochondria": "Mito",
-}
-
-
-def canonical_stain(name: str) -> str | None:
-    """Canonical stain for an unambiguous stain or dye name, else None."""
-    key = re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()
-    if key in STAIN_ALIASES:
-        return STAIN_ALIASES[key]
-    for alias, stain in STAIN_ALIASES.items():
-        if len(alias) > 3 and key.startswith(alias):
-            return stain
-    return None
+# well (and field) inside a free-form name: "r02c03f04", "B03_s2", "B03-2", "well_B03_field_2", "B03"
+_POSITION_RES = (
+    re.compile(r"(?<![A-Za-z])r(?P<row>\d{1,2})c(?P<col>\d{1,2})(?:f(?P<site>\d{1,4}))?(?!\d)", re.IGNORECASE),
+    re.compile(r"(?<![A-Za-z0-9])(?P<well>[A-Za-z]{1,2}\d{1,2})(?!\d)"
+               r"(?:(?:[_\-\s.]*(?:site|field|fld|s|f)[_\-\s]*|[_\-\s.]+)(?P<site>\d{1,4})(?!\d))?"),
+)
+_MAP_HELP = (
+    "Name them with a channel map: a channels.json beside the plate such as "
+    '{"<n>": "DNA", "<m>": "ER", ...} (or channels.txt with one "<n>=<stain>" per line), '
+    'or channel_map="<n>=DNA,<m>=ER,..." / --channel-map, using the channel numbers of your '
+    "acquisition: the numbering differs between experiments and instruments."
+)
 
 
 def well_name(row: int | str, col: int | str) -> str:
@@ -94,6 +102,26 @@ def normalize_well(name) -> str:
     return f"{m['row'].upper()}{int(m['col']):02d}"
 
 
+def parse_well_site(name: str) -> tuple[str, int | None] | None:
+    """(well, site or None) found in a file or folder name, or None.
+
+    Reads ``r02c03f04`` (Phenix-style), ``B03_s2``, ``B03-2``, ``B03_site2``,
+    ``well_B03_field_2`` and a bare ``B03``.
+    """
+    stem = re.sub(r"(\.ome)?\.(tiff?|png|zarr)$", "", str(name), flags=re.IGNORECASE)
+    for regex in _POSITION_RES:
+        m = regex.search(stem)
+        if not m:
+            continue
+        gd = m.groupdict()
+        try:
+            well = well_name(gd["row"], gd["col"]) if gd.get("row") else normalize_well(gd["well"])
+        except PlateError:  # r00c05: not a well
+            continue
+        return well, (int(gd["site"]) if gd.get("site") else None)
+    return None
+
+
 def stains(fields: pd.DataFrame) -> list[str]:
     """Stain names of a fields table, in its channel order."""
     return [c[len("FileName_Orig"):] for c in fields.columns if c.startswith("FileName_Orig")]
@@ -108,10 +136,7 @@ def reorder_stains(fields: pd.DataFrame, order: Sequence[str] = DEFAULT_STAINS) 
     have = stains(fields)
     missing = [s for s in order if s not in have]
     if missing:
-        raise PlateError(
-            f"the plate has stains {have} but {list(order)} are needed; missing {missing}. "
-            "Give a channel map (e.g. 1=DNA,2=ER,3=RNA,4=AGP,5=Mito) if the channels are only numbered."
-        )
+        raise PlateError(f"the plate has stains {have} but {list(order)} are needed; missing {missing}. {_MAP_HELP}")
     channel_cols = [c for c in fields.columns if re.match(r"^(FileName|PathName|Frame)_Orig", c)]
     other = [c for c in fields.columns if c not in channel_cols]
     ordered = []
@@ -121,6 +146,31 @@ def reorder_stains(fields: pd.DataFrame, order: Sequence[str] = DEFAULT_STAINS) 
             if col in fields.columns:
                 ordered.append(col)
     return fields[other + ordered]
+
+
+def rename_stains(fields: pd.DataFrame, mapping) -> pd.DataFrame:
+    """The fields table with its stains renamed: ``{"ch1": "DNA", "Alexa488": "ER"}`` or a channel
+    map (``"1=DNA,2=ER"``, ``{1: "DNA"}``, a file: number ``n`` means stain ``ch<n>``).
+
+    No file is read again: this relabels the columns of a table already read (the
+    napari widget's "name the channels" control).  Raises PlateError for a stain the table
+    does not have or when two stains would get the same name.
+    """
+    if isinstance(mapping, Mapping) and not all(re.match(r"(?i)^(ch|w|c)?\d+$", str(k).strip()) for k in mapping):
+        new = {str(k): str(v).strip() for k, v in mapping.items()}
+    else:
+        new = {f"ch{k}": v for k, v in parse_channel_map(mapping).items()}
+    have = stains(fields)
+    unknown = [k for k in new if k not in have]
+    if unknown:
+        raise PlateError(f"the plate has no stain(s) {unknown}; its stains are {have}")
+    result = [new.get(s, s) for s in have]
+    if len(set(result)) != len(result):
+        raise PlateError(f"renaming {have} to {result} gives two channels the same stain")
+    cols = {f"{p}_Orig{old}": f"{p}_Orig{new[old]}" for old in new for p in ("FileName", "PathName", "Frame")}
+    out = fields.rename(columns=cols)
+    out.attrs = {**fields.attrs, "stain_source": "user"}
+    return out
 
 
 # --------------------------------------------------------------------------- channel maps
@@ -139,20 +189,9 @@ def parse_channel_map(spec) -> dict[int, str]:
     else:
         text = str(spec)
         path = Path(text)
-        if "=" not in text and path.suffix.lower() in (".json", ".txt", ".csv", ".tsv", ".yaml", ".yml") \
-                or path.is_file():
-            if not path.is_file():
-                raise PlateError(f"channel map file not found: {path}")
-            text = path.read_text()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError:
-                data = None
-            if isinstance(data, Mapping):
-                items = data.items()
-            else:
-                items = [re.split(r"\s*[=,:\t]\s*", ln.strip(), maxsplit=1) for ln in text.splitlines()
-                         if ln.strip() and not ln.lstrip().startswith("#")]
+        if isinstance(spec, Path) or "=" not in text and path.suffix.lower() in (
+                ".json", ".txt", ".csv", ".tsv", ".yaml", ".yml") or path.is_file():
+            items = _channel_map_file_items(path)
         else:
             items = [re.split(r"\s*[=:]\s*", part.strip(), maxsplit=1) for part in text.split(",") if part.strip()]
     out: dict[int, str] = {}
@@ -169,79 +208,79 @@ def parse_channel_map(spec) -> dict[int, str]:
     return out
 
 
-def find_index_xml(folder: Path, stop: Path | None = None) -> Path | None:
-    """A Harmony ``Index.idx.xml`` / ``Index.xml`` in ``folder`` or a parent (up to ``stop``)."""
+def _channel_map_file_items(path: Path) -> list:
+    if not path.is_file():
+        raise PlateError(f"channel map file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, Mapping):
+        return list(data.items())
+    if path.suffix.lower() == ".json":
+        raise PlateError(f"{path}: not a JSON object of channel number -> stain (e.g. {{\"1\": \"DNA\"}})")
+    return [re.split(r"\s*[=,:\t]\s*", ln.strip(), maxsplit=1) for ln in text.splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def find_channel_map(folder, levels: int = 2) -> Path | None:
+    """A ``channels.json`` / ``channels.txt`` in ``folder`` or up to ``levels`` folders above it."""
     folder = Path(folder).resolve()
-    stop = Path(stop).resolve() if stop is not None else None
-    for d in [folder, *folder.parents]:
-        for name in ("Index.idx.xml", "Index.xml", "index.idx.xml", "index.xml"):
+    for d in [folder, *folder.parents][: levels + 1]:
+        for name in CHANNEL_MAP_FILES:
             if (d / name).is_file():
                 return d / name
-        if stop is not None and d == stop.parent:
-            break
-        if len(d.parts) <= 2:
-            break
     return None
 
 
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
+# --------------------------------------------------------------------------- channel names
 
 
-def read_index_xml(path: Path) -> tuple[dict[int, str], str | None]:
-    """Channel number -> channel name and the plate ID from a Harmony index file."""
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
-        raise PlateError(f"{path}: not a readable Harmony index file ({exc})") from exc
-    channels: dict[int, str] = {}
-    plate_id = None
-    for el in root.iter():
-        tag = _local(el.tag)
-        if tag == "PlateID" and el.text and plate_id is None:
-            plate_id = el.text.strip()
-        if tag == "Entry" and "ChannelID" in el.attrib:
-            for child in el:
-                if _local(child.tag) == "ChannelName" and child.text:
-                    channels.setdefault(int(el.attrib["ChannelID"]), child.text.strip())
-    return channels, plate_id
-
-
-def _stain_names(channel_ids: Iterable[int], channel_map, index_names: Mapping[int, str] | None,
-                 where: str) -> tuple[dict[int, str], str]:
-    """Resolve channel numbers to stain names; returns (mapping, source)."""
-    ids = sorted(set(channel_ids))
+def _channel_map_from(channel_map, where: str) -> dict[int, str]:
     user = parse_channel_map(channel_map)
+    if user and isinstance(channel_map, Path):
+        warnings.warn(f"{where}: stains from the channel map {channel_map}: "
+                      + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())), CellClipWarning, stacklevel=4)
+    return user
+
+
+def _stain_names(channel_ids: Iterable[int], channel_map, names: Mapping[int, str] | None,
+                 where: str, source: str = "the Harmony index") -> dict[int, str]:
+    """Resolve channel numbers to stain names: a channel map, else ``names`` (from ``source``)
+    through the dye vocabulary, else ``ch<n>``; every assumption is warned about."""
+    ids = sorted(set(channel_ids))
+    user = _channel_map_from(channel_map, where)
     if user:
         missing = [i for i in ids if i not in user]
         if missing:
             raise PlateError(f"{where}: the channel map {user} has no stain for channel(s) {missing}")
-        return {i: user[i] for i in ids}, "user"
-    if index_names:
-        out = {}
-        unknown = []
-        for i in ids:
-            raw = index_names.get(i, f"ch{i}")
-            stain = canonical_stain(raw)
-            if stain is None:
-                unknown.append(f"ch{i} {raw!r}")
-                stain = re.sub(r"[^0-9A-Za-z]+", "", raw) or f"ch{i}"
-            out[i] = stain
-        if unknown:
-            warnings.warn(
-                f"{where}: channel names {', '.join(unknown)} from the Harmony index are not stain names; "
-                "they are kept as they are. Give a channel map (e.g. 1=DNA,2=ER,3=RNA,4=AGP,5=Mito) "
-                "to use them with a model.",
-                CellClipWarning, stacklevel=3,
-            )
+        return {i: user[i] for i in ids}
+    names = {i: n for i, n in (names or {}).items() if n}
+    if any(i in names for i in ids):
+        out = {i: canonical_stain(names[i]) if i in names else None for i in ids}
+        mapped = {i: s for i, s in out.items() if s is not None and s != names[i]}
+        unknown = [i for i, s in out.items() if s is None]
+        out = {i: s or stain_label(names.get(i, "")) or f"ch{i}" for i, s in out.items()}
         if len(set(out.values())) == len(out):
-            return out, "index_xml"
-    warnings.warn(
-        f"{where}: no LoadData CSV, Harmony index or channel map names the stains; channels are kept as "
-        f"{', '.join(f'ch{i}' for i in ids)}. Give a channel map (e.g. 1=DNA,2=ER,3=RNA,4=AGP,5=Mito).",
-        CellClipWarning, stacklevel=3,
-    )
-    return {i: f"ch{i}" for i in ids}, "numbered"
+            if mapped:
+                warnings.warn(f"{where}: stains named from {source} by the dye vocabulary "
+                              f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
+                              "this.", CellClipWarning, stacklevel=3)
+            if unknown:
+                listed = ", ".join(f"ch{i} {names[i]!r}" if i in names else f"ch{i} (unnamed)" for i in unknown)
+                warnings.warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
+                              f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
+                              "guessed). " + _MAP_HELP, CellClipWarning, stacklevel=3)
+            return out
+        warnings.warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
+                      "two channels the same stain; channels are kept numbered.", CellClipWarning, stacklevel=3)
+    else:
+        warnings.warn(
+            f"{where}: nothing names the stains (no LoadData CSV, Harmony index, OME channel names, channels.json "
+            f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP,
+            CellClipWarning, stacklevel=3)
+    return {i: f"ch{i}" for i in ids}
 
 
 # --------------------------------------------------------------------------- LoadData CSV
@@ -260,7 +299,9 @@ def read_load_data(path, *, plate: str | None = None) -> pd.DataFrame:
     """Read a CellProfiler LoadData CSV into a fields table.
 
     Relative ``PathName_Orig*`` resolve against the CSV's folder; extra
-    ``Metadata_*`` columns are carried along.
+    ``Metadata_*`` columns are carried along.  Stain names that are dye names
+    (``OrigHoechst``, ``OrigPh_golgi``, ``OrigSyto`` …) become the Cell Painting stains
+    with a warning listing the mapping.
     """
     path = Path(path)
     if not path.is_file():
@@ -306,14 +347,30 @@ def read_load_data(path, *, plate: str | None = None) -> pd.DataFrame:
     except ValueError as exc:
         raise PlateError(f"{path}: Metadata_Site must be whole numbers ({exc})") from exc
     df["Metadata_Plate"] = df["Metadata_Plate"].astype(str)
+    df, names = _dye_named_columns(df, names, str(path))
     return _finish(df, names, source="load_data")
+
+
+def _dye_named_columns(df: pd.DataFrame, names: list[str], where: str) -> tuple[pd.DataFrame, list[str]]:
+    """Rename LoadData stains that are dye names (OrigHoechst -> OrigDNA) when that is unambiguous."""
+    target = {n: canonical_stain(n) or n for n in names}
+    if len(set(target.values())) != len(names) or all(target[n] == n for n in names):
+        return df, names
+    ids = dict(enumerate(names, start=1))
+    changed = {i: target[n] for i, n in ids.items() if target[n] != n}
+    warnings.warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
+                  f"(napari_cellclip.formats.dyes): {describe(changed, ids)}", CellClipWarning, stacklevel=3)
+    cols = {f"{p}_Orig{n}": f"{p}_Orig{target[n]}" for n in names for p in ("FileName", "PathName", "Frame")}
+    return df.rename(columns=cols), [target[n] for n in names]
 
 
 def write_load_data(fields: pd.DataFrame, path) -> Path:
     """Write a fields table as a LoadData CSV (the manifest format for every layout)."""
+    from ._fsutil import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields.to_csv(path, index=False)
+    with atomic_file(path) as tmp:
+        fields.to_csv(tmp, index=False)
     return path
 
 
@@ -336,14 +393,216 @@ def _finish(df: pd.DataFrame, stain_names: Sequence[str], source: str) -> pd.Dat
     return out
 
 
-# --------------------------------------------------------------------------- folders
+# --------------------------------------------------------------------------- discovery
 
 
-def _plate_name_for(folder: Path) -> str:
-    name = folder.name
-    if name.lower() in ("images", "timepoint_1") or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
-        name = folder.parent.name
-    return name.split("__")[0] or name
+def _is_zarr(p: Path) -> bool:
+    from .formats import ome_zarr
+
+    return p.name.lower().endswith(".zarr") or ome_zarr.is_zarr_dir(p)
+
+
+def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, zarr folders) under ``folder``; hidden entries skipped, zarr folders not entered."""
+    files, zarrs = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        subdirs = [Path(dirpath) / d for d in sorted(dirnames) if not d.startswith(".")]
+        zarrs += [d for d in subdirs if _is_zarr(d)]
+        dirnames[:] = [d.name for d in subdirs if not _is_zarr(d)]
+        base = Path(dirpath)
+        files += [base / f for f in sorted(filenames) if not f.startswith(".")]
+    return files, zarrs  # folders in sorted order, files sorted within each
+
+
+def image_kind(path) -> str | None:
+    """The layout a single image file's *name* belongs to ("phenix", "imagexpress", "ome-tiff",
+    "dye-folders"), or None; reads nothing but the name (and, for a dye name, its folder's name)."""
+    from .formats.ome_tiff import is_ome_tiff_name
+
+    p = path if isinstance(path, Path) else Path(path)
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    if PHENIX_RE.match(p.name):
+        return "phenix"
+    if IMAGEXPRESS_RE.match(p.name):
+        return "imagexpress"
+    if is_ome_tiff_name(p.name):
+        return "ome-tiff"
+    if canonical_stain(p.stem) and (parse_well_site(p.parent.name) or
+                                    p.parent.name.isdigit() and parse_well_site(p.parent.parent.name)):
+        return "dye-folders"
+    return None
+
+
+def sniff(path, max_entries: int = 5000) -> str | None:
+    """What a path holds, decided cheaply: a layout name, or None when it is not a plate.
+
+    A file is judged by its name (a LoadData CSV by its header line); a folder by a
+    breadth-first look at no more than ``max_entries`` entries (an OME-Zarr plate by its
+    root metadata).  Used by the napari reader to decline foreign paths without reading
+    whole trees.
+    """
+    from .formats import ome_zarr
+
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() == ".csv":
+            return "load_data" if is_load_data_csv(p) else None
+        return image_kind(p)
+    if not p.is_dir():
+        return None
+    if ome_zarr.is_zarr_dir(p):
+        return "ome-zarr" if ome_zarr.is_plate(p) else None
+    queue, seen = [p], 0
+    while queue:
+        try:
+            with os.scandir(queue.pop(0)) as it:
+                for e in it:
+                    seen += 1
+                    if seen > max_entries:
+                        return None
+                    if e.name.startswith("."):
+                        continue
+                    is_dir = e.is_dir(follow_symlinks=True)
+                    kind = _sniff_entry(Path(e.path), is_dir)
+                    if kind:
+                        return kind
+                    if is_dir and not e.name.lower().endswith(".zarr"):
+                        queue.append(Path(e.path))
+        except OSError:
+            continue
+    return None
+
+
+def _sniff_entry(p: Path, is_dir: bool) -> str | None:
+    from .formats import ome_zarr
+
+    if is_dir:
+        return "ome-zarr" if ome_zarr.is_zarr_dir(p) and ome_zarr.is_plate(p) else None
+    if p.suffix.lower() == ".csv":
+        return "load_data" if is_load_data_csv(p) else None
+    return image_kind(p)
+
+
+# --------------------------------------------------------------------------- read_plate
+
+
+def read_plate(
+    path,
+    *,
+    channel_map=None,
+    layout: str = "auto",
+    pattern: str | None = None,
+    axes: str | None = None,
+    plate: str | None = None,
+) -> pd.DataFrame:
+    """Read a plate folder, an OME-Zarr plate, an OME-TIFF or a LoadData CSV into a fields table.
+
+    Parameters
+    ----------
+    path : folder, ``*.zarr`` plate, ``*.ome.tif(f)`` file or LoadData CSV
+    channel_map : ``{1: "DNA", ...}``, ``"1=DNA,2=ER,..."`` or a file; names the channels by
+        number (Phenix ``ch``, ImageXpress ``w``, the 1-based channel of an OME-TIFF or
+        OME-Zarr image); overrides every name the files carry.  Default: a
+        ``channels.json`` / ``channels.txt`` beside the plate, when there is one.
+    layout : one of :data:`LAYOUTS` ("auto" recognises the layout).
+    pattern : regular expression with named groups ``well`` (or ``row`` and ``col``) and ``site``
+        (optionally ``plate``) matched against file names: one multi-channel TIFF per field
+        (with ``axes``), or OME-TIFFs whose names the built-in rules do not read.
+    axes : "CYX" or "YXC", where the channel axis is in plain multi-channel TIFFs.
+    plate : plate name to use instead of the folder / CSV / metadata value.
+    """
+    path = Path(path).expanduser()
+    if layout not in LAYOUTS:
+        raise PlateError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if not path.exists():
+        raise PlateError(f"not found: {path}")
+    if channel_map is None and path.suffix.lower() != ".csv":
+        channel_map = find_channel_map(path if path.is_dir() else path.parent)
+    if path.is_file():
+        from .formats.ome_tiff import is_ome_tiff_name
+
+        if path.suffix.lower() == ".csv":
+            return read_load_data(path, plate=plate)
+        if is_ome_tiff_name(path.name):
+            from .formats import ome_tiff
+
+            return ome_tiff.read_fields(path.parent, [path], channel_map, plate, pattern)
+        raise PlateError(f"{path}: give a plate folder, an OME-Zarr plate, an OME-TIFF or a LoadData CSV")
+    if _is_zarr(path):
+        from .formats import ome_zarr
+
+        return ome_zarr.read_fields(path, [path], channel_map, plate)
+    files, zarrs = _scan(path)
+    if not files and not zarrs:
+        raise PlateError(f"{path}: the folder is empty")
+    if layout in ("auto", "load_data"):
+        table = _read_load_data_csvs(path, files, plate)
+        if table is not None:
+            return table
+        if layout == "load_data":
+            raise PlateError(f"{path}: no LoadData CSV (with FileName_Orig<Stain> columns) found")
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if layout == "multichannel" or (pattern is not None and axes is not None):
+        from .formats import numbered
+
+        return numbered.read_multichannel(path, images, pattern, axes, channel_map, plate)
+    kinds = _classify(path, images, zarrs, layout)
+    return _read_kind(path, kinds, channel_map, plate, pattern)
+
+
+def _read_load_data_csvs(path: Path, files: list[Path], plate) -> pd.DataFrame | None:
+    csvs = [f for f in files if f.suffix.lower() == ".csv" and is_load_data_csv(f)]
+    if not csvs:
+        return None
+    tables = [read_load_data(c, plate=plate) for c in csvs]
+    names = [stains(t) for t in tables]
+    if any(n != names[0] for n in names):
+        raise PlateError(f"{path}: the LoadData CSVs name different stains: "
+                         + "; ".join(f"{c.name}: {n}" for c, n in zip(csvs, names)))
+    return _finish(pd.concat(tables, ignore_index=True), names[0], "load_data")
+
+
+def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) -> dict[str, list[Path]]:
+    """Files (and zarr folders) by layout; refuses a folder that mixes layouts."""
+    kinds: dict[str, list[Path]] = defaultdict(list)
+    other = []
+    for f in images:
+        kind = image_kind(f)
+        (kinds[kind] if kind else other).append(f)
+    if zarrs:
+        kinds["ome-zarr"] = zarrs
+    if layout != "auto":
+        kinds = {layout: kinds.get(layout, [])} if kinds.get(layout) else {}
+    if not kinds:
+        examples = ", ".join(f.name for f in (other or images)[:3]) or "none"
+        raise PlateError(
+            f"{path}: no recognised image names among {len(images)} image file(s) (e.g. {examples}). Supported: "
+            "Phenix 'r01c01f01p01-ch1sk1fk1fl1.tiff', ImageXpress 'plate_A01_s1_w1.tif', 'A01_s1.ome.tiff', "
+            "an OME-Zarr plate ('*.zarr'), field folders of dye-named images ('A01_s1/Hoechst.tif'), a LoadData "
+            "CSV, or multi-channel TIFFs with a pattern and axes."
+        )
+    if len(kinds) > 1:
+        raise PlateError(f"{path}: the folder mixes layouts: " + "; ".join(
+            f"{k} ({len(v)}, e.g. {v[0].relative_to(path)})" for k, v in sorted(kinds.items()))
+            + ". Open one plate at a time, or give layout= to pick one.")
+    if other and layout == "auto":
+        warnings.warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
+                      + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")", CellClipWarning, stacklevel=3)
+    return kinds
+
+
+def _read_kind(path: Path, kinds: dict, channel_map, plate, pattern) -> pd.DataFrame:
+    from .formats import dye_folders, numbered, ome_tiff, ome_zarr
+
+    (kind, found), = kinds.items()
+    if kind == "ome-zarr":
+        return ome_zarr.read_fields(path, found, channel_map, plate)
+    if kind == "ome-tiff":
+        return ome_tiff.read_fields(path, found, channel_map, plate, pattern)
+    if kind == "dye-folders":
+        return dye_folders.read_fields(path, found, plate)
+    return numbered.read_fields(path, found, kind, channel_map, plate)
 
 
 def _table_from_channels(records: list[dict], channel_names: dict[int, str], where: str,
@@ -365,11 +624,12 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
             skipped.append(f"{plate} {well} site {site} (missing {', '.join(channel_names[i] for i in missing)})")
             continue
         row = {"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site}
+        row.update(chans[ids[0]].get("meta", {}))
         for i in ids:
-            p = Path(chans[i]["path"])
+            folder, name = os.path.split(str(chans[i]["path"]))
             s = channel_names[i]
-            row[f"FileName_Orig{s}"] = p.name
-            row[f"PathName_Orig{s}"] = str(p.parent)
+            row[f"FileName_Orig{s}"] = chans[i].get("file", name)
+            row[f"PathName_Orig{s}"] = chans[i].get("folder", folder)
             if multi_frame:
                 row[f"Frame_Orig{s}"] = chans[i]["frame"]
         rows.append(row)
@@ -381,112 +641,25 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
     return pd.DataFrame(rows)
 
 
-def _scan(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
-def read_plate(
-    path,
-    *,
-    channel_map=None,
-    layout: str = "auto",
-    pattern: str | None = None,
-    axes: str | None = None,
-    plate: str | None = None,
-) -> pd.DataFrame:
-    """Read a plate folder or a LoadData CSV into a fields table.
-
-    Parameters
-    ----------
-    path : folder or LoadData CSV
-    channel_map : ``{1: "DNA", ...}``, ``"1=DNA,2=ER,..."`` or a file; names the channels of
-        Phenix / ImageXpress / multi-channel files (overrides a Harmony index).
-    layout : "auto", "load_data", "phenix", "imagexpress" or "multichannel".
-    pattern : regular expression with named groups ``well`` (or ``row`` and ``col``) and ``site``
-        (optionally ``plate``) matched against file names, for one multi-channel TIFF per field.
-    axes : "CYX" or "YXC", where the channel axis is in multi-channel TIFFs (required with them).
-    plate : plate name to use instead of the folder / CSV value.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise PlateError(f"not found: {path}")
-    if path.is_file():
-        if path.suffix.lower() == ".csv":
-            return read_load_data(path, plate=plate)
-        raise PlateError(f"{path}: give a plate folder or a LoadData CSV")
-    files = _scan(path)
-    if not files:
-        raise PlateError(f"{path}: the folder is empty")
-
-    if layout in ("auto", "load_data"):
-        csvs = [f for f in files if f.suffix.lower() == ".csv" and is_load_data_csv(f)]
-        if csvs:
-            tables = [read_load_data(c, plate=plate) for c in csvs]
-            names = [stains(t) for t in tables]
-            if any(n != names[0] for n in names):
-                raise PlateError(f"{path}: the LoadData CSVs name different stains: "
-                                 + "; ".join(f"{c.name}: {n}" for c, n in zip(csvs, names)))
-            df = pd.concat(tables, ignore_index=True)
-            return _finish(df, names[0], "load_data")
-        if layout == "load_data":
-            raise PlateError(f"{path}: no LoadData CSV (with FileName_Orig<Stain> columns) found")
-
-    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-    if layout == "multichannel" or pattern is not None:
-        return _read_multichannel(path, images, pattern, axes, channel_map, plate)
-
-    records = []
-    for f in images:
-        if layout in ("auto", "phenix"):
-            m = PHENIX_RE.match(f.name)
-            if m:
-                records.append({"layout": "phenix", "dir": f.parent, "well": well_name(m["row"], m["col"]),
-                                "site": int(m["site"]), "ch": int(m["ch"]), "path": f})
-                continue
-        if layout in ("auto", "imagexpress"):
-            m = IMAGEXPRESS_RE.match(f.name)
-            if m:
-                records.append({"layout": "imagexpress", "dir": f.parent, "well": normalize_well(m["well"]),
-                                "site": int(m["site"]), "ch": int(m["ch"]), "path": f,
-                                "prefix": m["prefix"]})
-    if not records:
-        examples = ", ".join(f.name for f in files[:3])
-        raise PlateError(
-            f"{path}: no recognised image names among {len(files)} file(s) (e.g. {examples}). Supported: "
-            "Phenix 'r01c01f01p01-ch1sk1fk1fl1.tiff', ImageXpress 'plate_A01_s1_w1.tif', a LoadData CSV, "
-            "or multi-channel TIFFs with a pattern and axes."
-        )
-    # group by folder: each folder of images is one plate
-    tables = []
-    by_dir: dict[Path, list[dict]] = defaultdict(list)
-    for r in records:
-        by_dir[r["dir"]].append(r)
-    for folder, recs in sorted(by_dir.items()):
-        index = find_index_xml(folder, stop=path)
-        index_names, plate_id = read_index_xml(index) if index else ({}, None)
-        name = plate or plate_id or _plate_name_for(folder)
-        if recs[0]["layout"] == "imagexpress" and not plate and not plate_id:
-            prefixes = {r["prefix"] for r in recs}
-            name = prefixes.pop() if len(prefixes) == 1 else name
-        for r in recs:
-            r["plate"] = name
-        names, _source = _stain_names([r["ch"] for r in recs], channel_map, index_names, str(folder))
-        tables.append(_table_from_channels(recs, names, str(folder)))
+def _concat_plates(path: Path, tables: list[pd.DataFrame], source: str) -> pd.DataFrame:
     stain_sets = {tuple(stains(t)) for t in tables}
     if len(stain_sets) > 1:
         raise PlateError(f"{path}: plates under this folder have different stains: {sorted(stain_sets)}")
-    df = pd.concat(tables, ignore_index=True)
-    return _finish(df, stains(tables[0]), "folder")
+    return _finish(pd.concat(tables, ignore_index=True), stains(tables[0]), source)
 
 
-def _read_multichannel(root: Path, images: list[Path], pattern, axes, channel_map, plate) -> pd.DataFrame:
-    if pattern is None:
-        raise PlateError("multi-channel TIFFs need a file-name pattern with named groups 'well' and 'site', "
-                         r"e.g. '(?P<well>[A-P]\d{2})_s(?P<site>\d+)\.tiff?'")
-    if axes is None or str(axes).upper() not in ("CYX", "YXC"):
-        raise PlateError(f"state where the channel axis is in the multi-channel TIFFs: axes='CYX' or 'YXC' "
-                         f"(got {axes!r})")
-    axes = str(axes).upper()
+# --------------------------------------------------------------------------- shared by layouts
+
+
+def _plate_name_for(folder: Path) -> str:
+    name = folder.name
+    if name.lower() in ("images", "timepoint_1") or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
+        name = folder.parent.name
+    return name.split("__")[0] or name
+
+
+def _match_pattern(root: Path, files: list[Path], pattern: str) -> list[tuple[Path, tuple]]:
+    """[(file, (well, site, plate or None))] for the files whose name matches ``pattern``."""
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -494,43 +667,16 @@ def _read_multichannel(root: Path, images: list[Path], pattern, axes, channel_ma
     if "site" not in regex.groupindex or not ("well" in regex.groupindex
                                               or {"row", "col"} <= set(regex.groupindex)):
         raise PlateError(f"pattern {pattern!r} needs named groups 'well' (or 'row' and 'col') and 'site'")
-    import tifffile
-
-    matched = []
-    for f in images:
-        if f.suffix.lower() not in TIFF_SUFFIXES:
-            continue
+    out = []
+    for f in files:
         m = regex.search(f.name)
         if m:
-            matched.append((f, m))
-    if not matched:
-        raise PlateError(f"{root}: no TIFF file name matches the pattern {pattern!r}")
-    n_channels = None
-    for f, _ in matched:
-        try:
-            with tifffile.TiffFile(f) as tf:
-                shape = tf.series[0].shape
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"{f}: cannot read TIFF header ({exc}); skipped", CellClipWarning, stacklevel=3)
-            continue
-        if len(shape) != 3:
-            raise PlateError(f"{f}: expected a 3-D {axes} image, got shape {tuple(shape)}")
-        n_channels = shape[0] if axes == "CYX" else shape[-1]
-        break
-    if n_channels is None:
-        raise PlateError(f"{root}: none of the matching TIFF files could be read")
-    names, _source = _stain_names(range(1, n_channels + 1), channel_map, None, str(root))
-    records = []
-    for f, m in matched:
-        gd = m.groupdict()
-        well = normalize_well(gd["well"]) if gd.get("well") else well_name(gd["row"], gd["col"])
-        p = plate or gd.get("plate") or _plate_name_for(f.parent)
-        for ch in range(1, n_channels + 1):
-            records.append({"plate": p, "well": well, "site": int(gd["site"]), "ch": ch, "path": f,
-                            "frame": ch - 1})
-    df = _table_from_channels(records, names, str(root), multi_frame=True)
-    df["Metadata_ChannelAxes"] = axes
-    return _finish(df, [names[i] for i in sorted(names)], "multichannel")
+            gd = m.groupdict()
+            well = normalize_well(gd["well"]) if gd.get("well") else well_name(gd["row"], gd["col"])
+            out.append((f, (well, int(gd["site"]), gd.get("plate"))))
+    if not out:
+        raise PlateError(f"{root}: no file name matches the pattern {pattern!r}")
+    return out
 
 
 def summarize(fields: pd.DataFrame) -> str:
@@ -541,6 +687,7 @@ def summarize(fields: pd.DataFrame) -> str:
 
 
 __all__ = [
-    "DEFAULT_STAINS", "read_plate", "read_load_data", "write_load_data", "stains", "reorder_stains",
-    "parse_channel_map", "canonical_stain", "well_name", "normalize_well", "summarize",
+    "DEFAULT_STAINS", "LAYOUTS", "read_plate", "read_load_data", "write_load_data", "stains", "reorder_stains",
+    "rename_stains", "parse_channel_map", "find_channel_map", "canonical_stain", "well_name", "normalize_well",
+    "parse_well_site", "sniff", "image_kind", "summarize",
 ]

@@ -4,7 +4,7 @@ The texts follow the published CellCLIP templates exactly; every template can
 be replaced through :class:`PromptTemplates`.  Missing values (no SMILES, no
 guide sequence, no cell line) drop their clause instead of printing "nan".
 
-Which compound template a well gets:
+Which template a well gets:
 
 * a negative control (``control_type`` ``negcon``, or a solvent-only well such
   as DMSO) gets ``compound_negcon``;
@@ -15,17 +15,28 @@ Which compound template a well gets:
   of them onto one "control" text would teach the model that different
   phenotypes share one description.  ``poscon_as_control=True`` switches to
   the "other control" text for them.
+* CRISPR / ORF: a negative control (non-targeting guide, LacZ, BFP …), an empty
+  well or a control without a gene gets ``genetic_control``; a positive control
+  with a gene (PLK1 knock-out, eGFP) gets the gene's text, for the same reason
+  (``poscon_as_control=True``: the control text).
+* An empty well (``control_type`` ``empty``, JUMP's JCP2022_999999) gets
+  ``genetic_control`` ("... treated with control, no treatment.") whatever the modality.
+* A compound without a name or SMILES is named by its identifier (the Broad id of
+  ``broad_sample``, the JCP2022 id or the InChIKey), so every annotated row has a text.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from .errors import MetadataError
 
 MODALITIES = ("compound", "crispr", "orf")
+#: strings that mean "no value" in metadata tables
+MISSING_STRINGS = ("", "nan", "none", "na", "n/a", "null")
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ def is_missing(value: Any) -> bool:
             return True
     except ImportError:  # pragma: no cover - pandas is a dependency
         pass
-    if isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "na", "n/a", "null"):
+    if isinstance(value, str) and value.strip().lower() in MISSING_STRINGS:
         return True
     return False
 
@@ -86,12 +97,13 @@ def _fill(template: str, cell: str | None, **values: str | None) -> str:
         if token not in text:
             continue
         if value is None:
-            # drop the clause ", <label>: {key}" the value belongs to
-            start = text.find(token)
-            comma = text.rfind(",", 0, start)
-            if comma == -1:
-                raise MetadataError(f"template {template!r} needs a value for {key}")
-            text = text[:comma] + text[start + len(token):]
+            # drop the clause ", <label>: {key}" the value belongs to (each one, if used twice)
+            while token in text:
+                start = text.find(token)
+                comma = text.rfind(",", 0, start)
+                if comma == -1:
+                    raise MetadataError(f"template {template!r} needs a value for {key}")
+                text = text[:comma] + text[start + len(token):]
         else:
             text = text.replace(token, value)
     if cell is None:
@@ -147,6 +159,17 @@ def compound_prompt(
     return text
 
 
+def _genetic_control(gene: str | None, control: str | None, templates: PromptTemplates, what: str) -> bool:
+    """True when a CRISPR / ORF well gets the genetic control text (see the module doc)."""
+    control = _clean(control)
+    if control is None:
+        if gene is None:
+            raise MetadataError(f"a{'n' if what == 'ORF' else ''} {what} prompt needs the "
+                                f"{'overexpressed' if what == 'ORF' else 'targeted'} gene")
+        return False
+    return gene is None or not control.lower().startswith("pos") or templates.poscon_as_control
+
+
 def crispr_prompt(
     gene: str | None,
     sequence: str | None = None,
@@ -155,11 +178,9 @@ def crispr_prompt(
     control: str | None = None,
     templates: PromptTemplates = DEFAULT_TEMPLATES,
 ) -> str:
-    """Prompt for a CRISPR guide; controls (any control type) get the genetic control text."""
+    """Prompt for a CRISPR guide; negative controls and gene-less controls get the genetic control text."""
     gene, sequence, cell = _clean(gene), _clean(sequence), _clean(cell)
-    if _clean(control) is not None or gene is None:
-        if _clean(control) is None:
-            raise MetadataError("a CRISPR prompt needs the targeted gene")
+    if _genetic_control(gene, control, templates, "CRISPR"):
         return _fill(templates.genetic_control, cell)
     if sequence is None:
         return _fill(templates.crispr_no_sequence, cell, gene=gene)
@@ -173,35 +194,60 @@ def orf_prompt(
     control: str | None = None,
     templates: PromptTemplates = DEFAULT_TEMPLATES,
 ) -> str:
-    """Prompt for an ORF overexpression; controls get the genetic control text."""
+    """Prompt for an ORF overexpression; negative controls and gene-less controls get the genetic control text."""
     gene, cell = _clean(gene), _clean(cell)
-    if _clean(control) is not None or gene is None:
-        if _clean(control) is None:
-            raise MetadataError("an ORF prompt needs the overexpressed gene")
+    if _genetic_control(gene, control, templates, "ORF"):
         return _fill(templates.genetic_control, cell)
     return _fill(templates.orf, cell, gene=gene)
+
+
+GENE_KEYS = ("gene", "genes", "Symbol", "gene_symbol", "pert_iname")
+ID_KEYS = ("broad_id", "broad_sample", "JCP2022", "jcp2022", "InChIKey", "inchikey")
+CONTROL_TYPES = ("negcon", "poscon", "empty", "control")
+
+
+def _modality_and_control(row: Mapping) -> tuple[str, str | None]:
+    modality = _get(row, "modality")
+    pert_type = (_get(row, "pert_type") or "").lower()
+    if modality is None or modality.lower() not in MODALITIES:
+        modality = pert_type if pert_type in MODALITIES else "compound"
+    control = _get(row, "control_type")
+    if control is None and pert_type in CONTROL_TYPES:
+        control = pert_type
+    if control is None:
+        is_control = row.get("Metadata_is_control", row.get("is_control"))
+        if not is_missing(is_control) and bool(is_control):
+            control = "control"
+    return modality.lower(), control
+
+
+def _compound_name(row: Mapping) -> str | None:
+    name = _get(row, "pert_iname", "name", "Name")
+    if name is None and _get(row, "smiles", "SMILES") is None:
+        ident = _get(row, *ID_KEYS)
+        if ident is not None:
+            m = re.match(r"^(BRD-[A-Z]\d{8})", ident)
+            name = m.group(1) if m else ident
+    return name
 
 
 def build_prompt(row: Mapping, templates: PromptTemplates = DEFAULT_TEMPLATES) -> str:
     """Prompt for one fields-table / annotation row (keys with or without ``Metadata_``).
 
-    Reads ``pert_type`` (compound / crispr / orf; ``trt`` and ``control`` mean
-    compound unless a gene column says otherwise), ``pert_iname``, ``smiles``,
-    ``gene``, ``target_sequence``, ``control_type`` and ``cell_line``.
+    Reads ``modality`` (compound / crispr / orf), else ``pert_type`` when it names a
+    modality; ``control_type``, else a ``pert_type`` of negcon / poscon / empty / control
+    (JUMP, CP-JUMP1); ``pert_iname``, ``smiles``, ``gene`` (or ``genes``, ``Symbol``),
+    ``target_sequence`` and ``cell_line``.  A compound without a name or SMILES is named
+    by its identifier (``broad_sample``, JCP2022, InChIKey).
     """
-    modality = (_get(row, "modality", "pert_type") or "compound").lower()
-    if modality not in MODALITIES:
-        modality = "compound"
+    modality, control = _modality_and_control(row)
     cell = _get(row, "cell_line")
-    control = _get(row, "control_type")
-    if control is None:
-        is_control = row.get("Metadata_is_control", row.get("is_control"))
-        if not is_missing(is_control) and bool(is_control):
-            control = "control"
+    if control is not None and control.lower() == "empty":
+        return _fill(templates.genetic_control, _clean(cell))
     if modality == "crispr":
-        return crispr_prompt(_get(row, "gene", "pert_iname"), _get(row, "target_sequence", "sequence"),
+        return crispr_prompt(_get(row, *GENE_KEYS), _get(row, "target_sequence", "sequence"),
                              cell=cell, control=control, templates=templates)
     if modality == "orf":
-        return orf_prompt(_get(row, "gene", "pert_iname"), cell=cell, control=control, templates=templates)
-    return compound_prompt(_get(row, "pert_iname", "name"), _get(row, "smiles", "SMILES"),
+        return orf_prompt(_get(row, *GENE_KEYS), cell=cell, control=control, templates=templates)
+    return compound_prompt(_compound_name(row), _get(row, "smiles", "SMILES"),
                            cell=cell, control=control, templates=templates)

@@ -25,8 +25,6 @@ def sample_platemap_dir() -> Path:
 
 def load_sample_fields():
     """The bundled plate as an annotated fields table (metadata joined, prompts built)."""
-    from .metadata import annotate
-    from .plates import read_plate
+    from .fields import read_fields
 
-    fields = read_plate(sample_plate_dir())
-    return annotate(fields, platemap_dir=sample_platemap_dir(), cell_line="A549")
+    return read_fields(sample_plate_dir(), platemap=sample_platemap_dir(), cell_line="A549")

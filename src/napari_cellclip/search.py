@@ -12,6 +12,9 @@ Search is an exact matrix product (:class:`ExactSearcher`) below
 :data:`ANN_THRESHOLD` rows and a FAISS IVF index (:mod:`napari_cellclip.ann`) above it;
 :func:`get_searcher` picks one.
 
+Text queries and zero-shot candidates go through the one text tower
+(:func:`napari_cellclip.towers.encode_texts`, here also named ``encode_text_queries``); well-level
+ranking uses the store's wells (the model's pooling of each well's fields when the store has them).
 torch is imported only inside :func:`text_query` / :func:`zero_shot` (they run the model).
 """
 
@@ -29,6 +32,7 @@ import pandas as pd
 from . import ann as _ann
 from .errors import QueryError
 from .store import EmbeddingStore, l2_normalize, metadata_columns
+from .towers import encode_texts as encode_text_queries
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import CellCLIP
@@ -41,6 +45,8 @@ __all__ = [
     "rank",
     "text_query",
     "image_query",
+    "more_like_this",
+    "control_centered",
     "encode_text_queries",
     "zero_shot",
     "zero_shot_scores",
@@ -244,72 +250,43 @@ def image_query(
     return _results(st, rows, scores)
 
 
-# ------------------------------------------------------------------ text queries
-def encode_text_queries(model: CellCLIP, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
-    """Encode prompts with the checkpoint's text tower → ``(Q, E)`` float32 unit rows.
+def control_centered(store: EmbeddingStore) -> EmbeddingStore:
+    """The store in the space "change from the plate's negative controls".
 
-    Raises :class:`QueryError` for an empty list or an empty/blank prompt; prompts
-    longer than the tokenizer's context are rejected by ``model.encode_prompts``.
+    Each plate's mean control embedding (:func:`napari_cellclip.correction.control_mask`:
+    ``Metadata_control_type == "negcon"``, ``Metadata_is_control`` or DMSO; the plate's
+    mean when it has no controls) is subtracted from its rows, which are renormalised.
+    Raw CellCLIP image embeddings of one plate share a large common direction (every
+    field is "cells"), so their cosines all sit near 1; after centring, a cosine compares
+    the *phenotypes*: 1 = the same change from control, 0 = unrelated, < 0 = opposite.
+    Cached on the store.
     """
-    import torch
+    cached = getattr(store, "_control_centered", None)
+    if cached is not None:
+        return cached
+    from .correction import control_mask, plate_keys
 
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if not texts:
-        raise QueryError("no query text given")
-    for t in texts:
-        if not isinstance(t, str):
-            raise QueryError(f"query text must be a string, got {type(t).__name__}")
-        if not t.strip():
-            raise QueryError("the query text is empty: type a phenotype description, e.g. 'fragmented mitochondria'")
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with torch.inference_mode(), _query_threads(model, len(texts)):
-            out = model.encode_prompts(texts, batch_size=batch_size)
-    finally:
-        if was_training:
-            model.train()
-    return l2_normalize(_to_numpy(out))
+    emb = np.asarray(store.embeddings, dtype=np.float64)
+    ctrl, plates = control_mask(store.fields), plate_keys(store.fields)
+    out = np.empty_like(emb)
+    for plate in np.unique(plates):
+        rows = plates == plate
+        ref = rows & ctrl if (rows & ctrl).any() else rows
+        out[rows] = emb[rows] - emb[ref].mean(axis=0)
+    centred = EmbeddingStore(out, store.fields, store.model_id, level=store.level,
+                             info=dict(store.info, space="control-centred"))
+    store._control_centered = centred
+    return centred
 
 
-#: intra-op threads for encoding a handful of prompts on the CPU (env
-#: NAPARI_CELLCLIP_QUERY_THREADS overrides; 0 = leave torch's setting).  One short prompt
-#: is ~1 GFLOP: spreading it over several OpenMP threads gains little, and on a busy
-#: machine their spin-waits made it 10-20x slower (benchmarks/RESULTS.md, row 4).
-QUERY_THREADS = int(os.environ.get("NAPARI_CELLCLIP_QUERY_THREADS", "1") or 0)
-_THREADS_LOCK = __import__("threading").Lock()
+def more_like_this(store: EmbeddingStore, row: int, top_k: int | None = 20, level: str = "field") -> pd.DataFrame:
+    """"More like this" ranked by phenotype: :func:`image_query` in the
+    :func:`control_centered` space (``score``: cosine of the changes from the plate's
+    controls; the query itself first with 1.0)."""
+    return image_query(control_centered(_at_level(store, level)), row, top_k, level=level)
 
 
-class _query_threads:
-    def __init__(self, model, n_texts: int) -> None:
-        self.active = False
-        try:
-            dev = next(model.parameters()).device.type
-        except (StopIteration, AttributeError, TypeError):
-            dev = "cpu"
-        self.want = QUERY_THREADS if (QUERY_THREADS > 0 and n_texts <= 8 and dev == "cpu") else 0
-
-    def __enter__(self):
-        import torch
-
-        if self.want and _THREADS_LOCK.acquire(blocking=False):
-            self.active, self.old = True, torch.get_num_threads()
-            if self.old > self.want:
-                torch.set_num_threads(self.want)
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.active:
-            if torch.get_num_threads() != self.old:
-                torch.set_num_threads(self.old)
-            _THREADS_LOCK.release()
-        return False
-
-
+# ------------------------------------------------------------------ text queries
 def _check_model_matches(model, store: EmbeddingStore) -> None:
     mid = getattr(model, "_cellclip_id", None)
     if mid and store.model_id and mid != store.model_id:
@@ -461,11 +438,11 @@ def zero_shot_accuracy(table: pd.DataFrame) -> float:
 def export_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a results table as CSV (no index).  Missing values are written as ``NaN`` so
     that empty strings survive; :func:`read_csv` reads it back unchanged."""
+    from ._fsutil import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, na_rep="NaN")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        df.to_csv(tmp, index=False, na_rep="NaN")
     return path
 
 

@@ -7,14 +7,19 @@ An :class:`EmbeddingStore` holds
   ``Metadata_*`` columns (plate, well, site, perturbation, MoA, prompt, ...) and the
   image paths of each field,
 * ``model_id`` — the identity of the checkpoint that produced the vectors
-  (see :func:`napari_cellclip.embed.model_identity`); vectors from different
+  (see :func:`napari_cellclip.checkpoints.model_identity`); vectors from different
   checkpoints live in different spaces and must never be compared,
 * ``level`` — ``"field"`` (one row per field of view) or ``"well"`` (see :meth:`EmbeddingStore.well_level`),
-* ``info`` — a small JSON-serialisable dict (skipped fields, encoder identity, ...).
+* ``info`` — a small JSON-serialisable dict (skipped fields, encoder identity, ...),
+* ``wells`` — optionally, the well-level store the model computed by pooling each well's
+  fields through its multi-instance pooling (:func:`napari_cellclip.embed.image_embeddings`);
+  without it, :meth:`EmbeddingStore.well_level` falls back to the mean of a well's fields.
 
-On disk a store is a folder with ``embeddings.npy`` + ``fields.parquet`` + ``store.json``,
-written atomically (a temporary sibling folder swapped into place).  Loading never
-unpickles (``np.load(..., allow_pickle=False)``).
+On disk a store is a folder with ``embeddings.npy`` + ``fields.parquet`` + ``store.json``
+(+ ``wells/``, a well-level store in the same format), written by the one
+:class:`StoreWriter`: the embeddings stream into a memory-mapped file, ``store.json`` comes
+last, so a folder without it is an incomplete store.  :meth:`EmbeddingStore.save` swaps a whole
+folder into place.  Loading never unpickles (``np.load(..., allow_pickle=False)``).
 
 This module imports neither torch nor Qt.
 """
@@ -30,12 +35,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._fsutil import atomic_dir
+from ._fsutil import atomic_dir, atomic_file, atomic_write_text, discard, publish, temp_path
 from .errors import CellClipError, MetadataError
 
 __all__ = [
     "EmbeddingStore",
     "StoreError",
+    "StoreWriter",
+    "has_store_files",
+    "jsonable",
+    "parquet_safe",
+    "remove_store",
+    "well_groups",
     "cache_key",
     "l2_normalize",
     "metadata_columns",
@@ -48,6 +59,7 @@ FORMAT_VERSION = 1
 _EMB_FILE = "embeddings.npy"
 _FIELDS_FILE = "fields.parquet"
 _META_FILE = "store.json"
+_WELLS_DIR = "wells"
 LEVELS = ("field", "well")
 WELL_KEYS = ("Metadata_Plate", "Metadata_Well")
 
@@ -98,6 +110,7 @@ class EmbeddingStore:
         level: str = "field",
         info: dict[str, Any] | None = None,
         normalize: bool = True,
+        wells: EmbeddingStore | None = None,
     ) -> None:
         emb = np.asarray(embeddings)
         if emb.ndim != 2:
@@ -118,7 +131,9 @@ class EmbeddingStore:
         self.model_id: str = str(model_id)
         self.level: str = level
         self.info: dict[str, Any] = dict(info or {})
-        self._well_cache: EmbeddingStore | None = None
+        if wells is not None and (wells.level != "well" or level != "field"):
+            raise StoreError("wells= must be a well-level store of a field-level one")
+        self._well_cache: EmbeddingStore | None = wells
         self._searcher = None  # filled lazily by napari_cellclip.search
         self.path: Path | None = None  # the folder it was loaded from, if any
 
@@ -152,44 +167,31 @@ class EmbeddingStore:
         )
 
     # ------------------------------------------------------------- aggregation
-    def well_level(self) -> EmbeddingStore:
-        """Mean embedding per ``(Metadata_Plate, Metadata_Well)``, renormalised.
+    @property
+    def has_model_wells(self) -> bool:
+        """Whether the well embeddings come from the model's pooling (else: means of the fields)."""
+        return self.level == "field" and self._well_cache is not None and \
+            self._well_cache.info.get("well_pooling") == "model"
 
-        One row per well, sorted by plate then well.  Metadata columns whose value
-        is constant within every well are kept (per-field ones such as
-        ``Metadata_Site`` and the image path columns are dropped); ``Metadata_n_fields``
-        counts the fields averaged.  A well-level store returns itself.  The result is
-        cached on the store.
+    def well_level(self) -> EmbeddingStore:
+        """One row per ``(Metadata_Plate, Metadata_Well)``, sorted by plate then well.
+
+        The wells the model pooled, when the store has them (``wells=``; what
+        :func:`napari_cellclip.embed.embed_fields` and the embedding job save); else the mean
+        of each well's field embeddings, renormalised.  Metadata columns whose value is
+        constant within every well are kept (per-field ones such as ``Metadata_Site`` and the
+        image path columns are dropped); ``Metadata_n_fields`` counts the well's fields.  A
+        well-level store returns itself.  The result is cached on the store.
         """
         if self.level == "well":
             return self
         if self._well_cache is not None:
             return self._well_cache
-        missing = [k for k in WELL_KEYS if k not in self.fields.columns]
-        if missing:
-            raise MetadataError(f"well-level aggregation needs the columns {missing} in the fields table")
-        keys = list(WELL_KEYS)
-        f = self.fields
-        codes = f.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
-        n_wells = int(codes.max()) + 1 if len(codes) else 0
-        sums = np.zeros((n_wells, self.dim), dtype=np.float64)
+        codes, table, _ = well_groups(self.fields)
+        sums = np.zeros((len(table), self.dim), dtype=np.float64)
         np.add.at(sums, codes, self.embeddings.astype(np.float64))
-        counts = np.bincount(codes, minlength=n_wells)
-        means = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-
-        meta = [c for c in metadata_columns(f) if c not in keys and c != "Metadata_n_fields"]
-        first = pd.Series(np.arange(len(f))).groupby(codes).first().to_numpy()
-        table = f.iloc[first][keys].reset_index(drop=True)
-        if meta:
-            nun = f[meta].groupby(codes).nunique(dropna=False)
-            constant = [c for c in meta if bool((nun[c] <= 1).all())]
-            if constant:
-                table = pd.concat(
-                    [table, f.iloc[first][constant].reset_index(drop=True)], axis=1
-                )
-        table["Metadata_n_fields"] = counts.astype(np.int64)
-        info = dict(self.info)
-        info["aggregated_from"] = "field"
+        means = (sums / np.maximum(table["Metadata_n_fields"].to_numpy(), 1)[:, None]).astype(np.float32)
+        info = dict(self.info, aggregated_from="field", well_pooling="mean")
         self._well_cache = EmbeddingStore(means, table, self.model_id, level="well", info=info)
         return self._well_cache
 
@@ -218,32 +220,22 @@ class EmbeddingStore:
                        coord_names=("UMAP_1", "UMAP_2")) -> Path:
         """Write :meth:`to_frame` (metadata + embeddings + optional map coordinates) to parquet."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parquet_safe(self.to_frame(coords, coord_names=coord_names)).to_parquet(path, index=False)
+        with atomic_file(path) as tmp:
+            parquet_safe(self.to_frame(coords, coord_names=coord_names)).to_parquet(tmp, index=False)
         return path
 
     # --------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``embeddings.npy`` + ``fields.parquet`` + ``store.json`` into folder ``path``.
+        """Write the store (and its model-pooled wells) into folder ``path``; returns the folder.
 
         The folder is written next to its final place and swapped in, so a crash
         never leaves a half-written store behind.  An existing store at ``path`` is replaced.
-        Returns the folder.
         """
         path = Path(path)
         with atomic_dir(path) as tmp:
-            np.save(tmp / _EMB_FILE, self.embeddings, allow_pickle=False)
-            parquet_safe(self.fields).to_parquet(tmp / _FIELDS_FILE, index=False)
-            meta = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "model_id": self.model_id,
-                "level": self.level,
-                "n": len(self),
-                "dim": self.dim,
-                "info": _jsonable(self.info),
-            }
-            (tmp / _META_FILE).write_text(json.dumps(meta, indent=2))
+            with StoreWriter(tmp, len(self), self.dim, self.model_id, level=self.level, info=self.info) as w:
+                w.write(0, self.embeddings)
+                w.finish(self.fields, wells=self._well_cache if self.has_model_wells else None)
         return path
 
     @classmethod
@@ -284,9 +276,12 @@ class EmbeddingStore:
                 f"{path}: inconsistent store (embeddings {emb.shape}, {len(fields)} field rows, "
                 f"store.json n={meta.get('n')})"
             )
+        wells = None
+        if meta.get("level", "field") == "field" and EmbeddingStore.exists(path / _WELLS_DIR):
+            wells = cls.load(path / _WELLS_DIR, mmap=mmap)
         store = cls(
             emb, fields, meta.get("model_id", ""), level=meta.get("level", "field"),
-            info=meta.get("info") or {}, normalize=False,
+            info=meta.get("info") or {}, normalize=False, wells=wells,
         )
         store.path = path
         return store
@@ -303,6 +298,103 @@ class EmbeddingStore:
         return cache_key(fields, model_id)
 
 
+# ---------------------------------------------------------------------- wells
+def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """The wells of a fields table: the one definition of a well and of the well table.
+
+    Returns ``codes`` (N,) — each row's well, ``table`` — one row per ``(Metadata_Plate,
+    Metadata_Well)`` sorted by plate then well, with the Metadata columns constant within every
+    well and ``Metadata_n_fields`` — and ``bag_index`` (W, M) int64: each well's rows in table
+    order, padded with -1 to the largest well (a bag of instances for the model's pooling).
+    """
+    missing = [k for k in WELL_KEYS if k not in fields.columns]
+    if missing:
+        raise MetadataError(f"well-level aggregation needs the columns {missing} in the fields table")
+    keys = list(WELL_KEYS)
+    codes = fields.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
+    n_wells = int(codes.max()) + 1 if len(codes) else 0
+    counts = np.bincount(codes, minlength=n_wells)
+    order = np.argsort(codes, kind="stable")
+    first = order[np.concatenate([[0], np.cumsum(counts)[:-1]])] if n_wells else np.zeros(0, np.int64)
+    table = fields.iloc[first][keys].reset_index(drop=True)
+    meta = [c for c in metadata_columns(fields) if c not in keys and c != "Metadata_n_fields"]
+    if meta:
+        nun = fields[meta].groupby(codes).nunique(dropna=False)
+        constant = [c for c in meta if bool((nun[c] <= 1).all())]
+        if constant:
+            table = pd.concat([table, fields.iloc[first][constant].reset_index(drop=True)], axis=1)
+    table["Metadata_n_fields"] = counts.astype(np.int64)
+    bag_index = np.full((n_wells, int(counts.max()) if n_wells else 0), -1, dtype=np.int64)
+    slot = np.arange(len(codes)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    bag_index[codes[order], slot] = order
+    return codes, table, bag_index
+
+
+# ---------------------------------------------------------------------- writing
+class StoreWriter:
+    """The one writer of the store format, streaming: ``write`` rows into a memory-mapped
+    ``embeddings.npy`` as they come, then ``finish`` with the fields table (and the wells);
+    ``store.json`` is written last.  Use as a context manager: on an error nothing partial is
+    published (an older ``store.json`` in the folder is removed first).
+    """
+
+    def __init__(self, folder, n: int, dim: int, model_id: str = "", *, level: str = "field",
+                 info: dict[str, Any] | None = None) -> None:
+        self.folder = Path(folder)
+        self.n, self.dim, self.model_id, self.level = int(n), int(dim), str(model_id), level
+        self.info = dict(info or {})
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / _META_FILE).unlink(missing_ok=True)  # incomplete until finish()
+        self._tmp: Path | None = temp_path(self.folder / _EMB_FILE)
+        self._mm = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.float32, shape=(self.n, self.dim))
+
+    def write(self, start: int, embeddings: np.ndarray) -> None:
+        """Rows ``start .. start + len(embeddings)`` (unit rows, float32)."""
+        self._mm[start:start + len(embeddings)] = embeddings
+
+    def finish(self, fields: pd.DataFrame, *, wells: EmbeddingStore | None = None,
+               info: dict[str, Any] | None = None) -> None:
+        """Publish the embeddings, the fields table, the wells and (last) ``store.json``."""
+        if len(fields) != self.n:
+            raise StoreError(f"{self.n} embeddings but {len(fields)} rows in the fields table")
+        self._mm.flush()
+        self._mm = None
+        publish(self._tmp, self.folder / _EMB_FILE)
+        self._tmp = None
+        with atomic_file(self.folder / _FIELDS_FILE) as tmp:
+            parquet_safe(fields).to_parquet(tmp, index=False)
+        if wells is not None:
+            wells.save(self.folder / _WELLS_DIR)
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "level": self.level,
+                "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {})))}
+        atomic_write_text(self.folder / _META_FILE, json.dumps(meta, indent=2))
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._tmp is not None:  # not finished: discard the partial embeddings
+            self._mm = None
+            discard(self._tmp)
+            self._tmp = None
+        return False
+
+
+def has_store_files(folder) -> bool:
+    """Whether ``folder`` holds a store, complete or not (its ``store.json`` or its embeddings)."""
+    return any((Path(folder) / name).exists() for name in (_META_FILE, _EMB_FILE))
+
+
+def remove_store(folder) -> None:
+    """Delete the store files in ``folder`` (its embeddings, fields, wells and store.json)."""
+    import shutil
+
+    folder = Path(folder)
+    for name in (_META_FILE, _EMB_FILE, _FIELDS_FILE):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / _WELLS_DIR, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------- helpers
 def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     """A key for reusing a plate's embeddings from disk: data identity + model identity.
@@ -310,9 +402,12 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     Hashes, in row order, every ``Metadata_*`` value (annotations and control flags
     change the stored table and the plate-effect correction), every image file
     reference (``FileName_``/``PathName_``/``Frame_`` columns) with the file's size and
-    modification time (cheap; a rewritten image changes the key), and ``model_id``.
+    modification time (:func:`images.channel_stamp`: cheap; a rewritten image or OME-Zarr
+    chunk changes the key), and ``model_id``.
     Returns a 32-character hex string.
     """
+    from .images import channel_stamp
+
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{FORMAT_NAME}:{FORMAT_VERSION}\0{model_id}\0".encode())
     cols = [
@@ -322,17 +417,19 @@ def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     cols = sorted(cols, key=str)
     h.update(("\x1f".join(map(str, cols)) + "\0").encode())
     file_cols = [c for c in cols if str(c).startswith("FileName_")]
+    stamps: dict[Path, bytes] = {}  # a multi-channel file / zarr field is stamped once, not per stain
     for row in fields[cols].itertuples(index=False, name=None):
         rec = dict(zip(cols, row))
         h.update("\x1f".join(_key_str(rec[c]) for c in cols).encode())
         for fc in file_cols:
             stain = str(fc)[len("FileName_"):]
             p = Path(str(rec.get(f"PathName_{stain}", "") or "")) / str(rec[fc])
-            try:
-                st = p.stat()
-                h.update(f"|{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"|missing")
+            if p not in stamps:
+                try:
+                    stamps[p] = f"|{channel_stamp(p)}".encode()
+                except (OSError, CellClipError):
+                    stamps[p] = b"|missing"
+            h.update(stamps[p])
         h.update(b"\0")
     return h.hexdigest()
 
@@ -354,7 +451,8 @@ def _key_str(v: Any) -> str:
 
 
 def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """A parquet-safe copy of a table: mixed-type object columns (e.g. doses given as numbers and text) become strings."""
+    """A parquet-safe copy of a table: mixed-type object columns (e.g. doses given as numbers and text)
+    become strings."""
     out = df.copy()
     out.columns = [str(c) for c in out.columns]
     for c in out.columns:
@@ -366,12 +464,12 @@ def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Best-effort conversion of numpy scalars/arrays/paths inside ``obj`` for json.dumps."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

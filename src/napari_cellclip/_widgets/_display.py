@@ -7,6 +7,7 @@ that plate's fields are added as new (lazy) layers first.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,7 @@ def open_fields(viewer, fields, source: str = "") -> list:
     from .._reader import fields_layer_data
 
     new = []
-    for data, kwargs, kind in fields_layer_data(fields, source):
+    for data, kwargs, _kind in fields_layer_data(fields, source):
         added = viewer.add_image(data, **kwargs)
         new.extend(added if isinstance(added, list) else [added])
     return new
@@ -127,3 +128,154 @@ def show_store_row(viewer, store_fields, pos: int) -> bool:
         return False
     open_fields(viewer, same.reset_index(drop=True), source=str(plate))
     return show_field(viewer, row)
+
+
+# -------------------------------------------------------------- what the canvas shows
+#: readable names of fields-table columns (the rest: "Metadata_" dropped, words split)
+COLUMN_LABELS = {
+    "Metadata_Plate": "Plate", "Metadata_Well": "Well", "Metadata_Site": "Site",
+    "Metadata_pert_iname": "Perturbation", "Metadata_moa": "Mechanism of action",
+    "Metadata_target": "Target", "Metadata_broad_sample": "Broad sample ID",
+    "Metadata_pert_type": "Perturbation type", "Metadata_cell_line": "Cell line",
+    "Metadata_prompt": "Prompt (CellCLIP text)", "Metadata_dose": "Dose",
+    "Metadata_mmoles_per_liter": "Dose (mM)", "Metadata_n_fields": "Fields in the well",
+    "Metadata_control_type": "Control type", "Metadata_is_control": "Control",
+    "Metadata_gene": "Gene", "Metadata_smiles": "SMILES", "Metadata_PixelSizeUm": "Pixel size (µm)",
+}
+
+
+def column_label(column: str) -> str:
+    """``"Metadata_pert_iname"`` → ``"Perturbation"``; unknown ones: ``"Metadata_cell_count"`` → ``"Cell count"``."""
+    import re
+
+    if column in COLUMN_LABELS:
+        return COLUMN_LABELS[column]
+    name = str(column)
+    name = name[len("Metadata_"):] if name.startswith("Metadata_") else name
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name).replace("_", " ").strip()
+    return name[:1].upper() + name[1:] if name else str(column)
+
+
+def _present(v) -> bool:
+    return v is not None and str(v).strip() not in ("", "nan", "None", "<NA>")
+
+
+def field_caption(row) -> str:
+    """``"SQ00015198 · P13 · site 2 · lonafarnib (farnesyltransferase inhibitor)"``."""
+    parts = [str(row[c]) for c in ("Metadata_Plate", "Metadata_Well") if c in row and _present(row[c])]
+    if "Metadata_Site" in row and _present(row["Metadata_Site"]):
+        parts.append(f"site {_norm(row['Metadata_Site'])}")
+    pert = next((row[c] for c in ("Metadata_pert_iname", "Metadata_broad_sample", "Metadata_gene")
+                 if c in row and _present(row[c])), None)
+    if pert is not None:
+        moa = str(row["Metadata_moa"]).replace("|", ", ") if "Metadata_moa" in row and _present(row["Metadata_moa"]) \
+            else None
+        if moa and len(moa) > 40:
+            moa = moa[:40].rsplit(" ", 1)[0].rstrip(", ") + "…"  # whole words
+        parts.append(f"{pert} ({moa})" if moa else str(pert))
+    return " · ".join(parts)
+
+
+def _plate_pixel_size(viewer) -> float | None:
+    from .._reader import PIXEL_SIZE_KEY
+
+    for ly in plate_layers(viewer):
+        px = ly.metadata.get(PIXEL_SIZE_KEY)
+        if px:
+            return float(px)
+    return None
+
+
+_CANVAS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def install_canvas_info(viewer) -> None:
+    """Caption the canvas with the field on screen (plate · well · site · perturbation),
+    following the slider and the layers, and show a scale bar when the plate's pixel
+    size is known.  Once per viewer."""
+    if viewer in _CANVAS:
+        return
+    _CANVAS.add(viewer)
+    ref = weakref.ref(viewer)
+
+    def update(*_):
+        v = ref()
+        if v is not None:
+            update_canvas_info(v)
+
+    viewer.dims.events.current_step.connect(update)
+    viewer.layers.events.inserted.connect(update)
+    viewer.layers.events.removed.connect(update)
+    viewer.layers.selection.events.active.connect(update)
+    update_canvas_info(viewer)
+
+
+def text_overlay(viewer):
+    """The canvas's text overlay (``viewer.canvas.overlays.text`` since napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.overlays.text if canvas is not None else viewer.text_overlay
+
+
+def scale_bar(viewer):
+    """The canvas's scale bar (``viewer.canvas.overlays.scale_bar`` since napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.overlays.scale_bar if canvas is not None else viewer.scale_bar
+
+
+def update_canvas_info(viewer) -> None:
+    cur = current_field(viewer)
+    overlay = text_overlay(viewer)
+    if cur is None:
+        overlay.visible = False
+        return
+    text = field_caption(cur[1])
+    if overlay.text != text:
+        overlay.text = text
+    if not overlay.visible:
+        overlay.position = "top_left"
+        overlay.font_size = 11
+        overlay.color = "white"
+        if hasattr(overlay, "box"):  # a dark box keeps it legible over bright cells
+            overlay.box = True
+        overlay.visible = True
+    px = _plate_pixel_size(viewer)
+    bar = scale_bar(viewer)
+    if px is not None and not bar.visible:
+        bar.unit = "um"
+        bar.visible = True
+
+
+# ------------------------------------------------------------------ composite / one stain
+def stain_layers(viewer) -> list[tuple[str, Any]]:
+    """``(stain, layer)`` for the plate's stain layers (the hit gallery draws like them)."""
+    import re
+
+    return [(re.sub(r" \[\d+\]$", "", ly.name), ly) for ly in plate_layers(viewer)]
+
+
+def show_stains(viewer, stain: str | None = None) -> None:
+    """All stains in their Cell Painting colours (``stain=None``: the composite), or only
+    ``stain``, in grey (one stain at a time: the most legible view of one channel)."""
+    from .._reader import stain_colormap
+
+    layers = stain_layers(viewer)
+    order = list(dict.fromkeys(s for s, _ in layers))
+    for name, ly in layers:
+        if stain is None:
+            ly.colormap = stain_colormap(name, order.index(name))
+            ly.visible = True
+        else:
+            ly.visible = name == stain
+            if name == stain:
+                ly.colormap = "gray"
+
+
+def focus_plate(viewer) -> None:
+    """Zoom the view onto the plate's field (e.g. after a gallery tile was opened)."""
+    layers = plate_layers(viewer)
+    if not layers:
+        return
+    try:
+        viewer.fit_to_view(layers=layers)
+    except (AttributeError, TypeError):  # napari without fit_to_view(layers=)
+        viewer.reset_view()

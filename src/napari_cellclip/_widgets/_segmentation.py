@@ -1,15 +1,15 @@
 """Cell segmentation widget: nuclei and cell masks of the field on screen, per-cell table export.
 
-A small, self-contained dock widget.  With "Show masks of the field on screen"
-ticked, the field on screen (the field slider of a plate opened by the CellCLIP
-reader) is segmented in a thread worker (:func:`napari_cellclip.segmentation.segment_field`,
-the segmentation the ``cells`` encoder measures) and shown as two Labels layers,
-``nuclei`` and ``cells``; moving the slider recomputes them for the new field, so
-only fields that are looked at are segmented.  "Export per-cell table…" writes one
+A small dock widget.  With "Show masks of the field on screen" ticked, the field on
+screen (the field slider of a plate opened by the CellCLIP reader) is segmented in the
+widgets' ``"cells"`` background process (:mod:`._workers`; the segmentation the ``cells``
+encoder measures, :func:`._masks.segmentation_layer_data`) and shown as two Labels
+layers, ``nuclei`` and ``cells``; moving the slider recomputes them for the new field,
+so only fields that are looked at are segmented.  "Export per-cell table…" writes one
 row per cell of every field of the plate (:func:`napari_cellclip.celltable.export_cell_table`)
-with progress and cancel.
+in the same process, with progress and cancel.
 
-The widget holds no image analysis: :func:`segmentation_layer_data` calls the core.
+The widget holds no image analysis: the background process calls the core.
 """
 
 from __future__ import annotations
@@ -28,35 +28,14 @@ from qtpy.QtWidgets import (
 )
 
 from . import _display, _notify
-from ._workers import Job, start_job
+from ._masks import LAYER_NAMES, SEG_KEY
+from ._workers import Job, submit
 from .state import FIELDS_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
 
-__all__ = ["LAYER_NAMES", "SegmentationWidget", "segmentation_layer_data"]
-
-#: names of the two Labels layers the widget keeps up to date
-LAYER_NAMES = ("nuclei", "cells")
-_SEG_KEY = "cellclip_segmentation"
-
-
-def segmentation_layer_data(row, stains, *, nuclei_stain: str = "DNA", cell_stain: str = "RNA") -> list[tuple]:
-    """Labels LayerData tuples ``[(nuclei, kwargs, "labels"), (cells, kwargs, "labels")]`` of one field.
-
-    ``row`` is a fields-table row, ``stains`` its channel order.  The layers' metadata
-    names the field (plate, well, site) and how many cells were found.
-    """
-    from ..images import load_field
-    from ..segmentation import segment_field
-
-    raw = load_field(row, list(stains))
-    seg = segment_field(raw, list(stains), nuclei_stain=nuclei_stain, cell_stain=cell_stain)
-    key = _display.field_key(row)
-    meta = {_SEG_KEY: {"field": key, "n_cells": seg.n, "note": seg.note,
-                       "nuclei_stain": nuclei_stain, "cell_stain": cell_stain}}
-    return [(seg.nuclei, {"name": LAYER_NAMES[0], "metadata": dict(meta), "opacity": 0.5}, "labels"),
-            (seg.cells, {"name": LAYER_NAMES[1], "metadata": dict(meta), "opacity": 0.6}, "labels")]
+__all__ = ["LAYER_NAMES", "SegmentationWidget"]
 
 
 class SegmentationWidget(QWidget):
@@ -143,15 +122,14 @@ class SegmentationWidget(QWidget):
         stains = self._stains()
         self.status.setText(f"segmenting {key[1]} site {key[2]}…")
         self._pending = False
-        self._job = start_job(
-            lambda progress, should_stop: segmentation_layer_data(row, stains, nuclei_stain=nuc, cell_stain=cell),
-            name=f"segment {key[1]} site {key[2]}", on_returned=self._apply, on_finished=self._finished,
-        )
+        self._job = submit("cells", "segment", {"row": row, "stains": stains, "nuclei_stain": nuc, "cell_stain": cell},
+                           name=f"segment {key[1]} site {key[2]}", unit="fields", on_returned=self._apply,
+                           on_finished=self._finished)
 
     def _shown(self):
         if LAYER_NAMES[0] not in self.viewer.layers:
             return None
-        info = self.viewer.layers[LAYER_NAMES[0]].metadata.get(_SEG_KEY) or {}
+        info = self.viewer.layers[LAYER_NAMES[0]].metadata.get(SEG_KEY) or {}
         return info.get("field"), info.get("nuclei_stain"), info.get("cell_stain")
 
     def _apply(self, layer_data: list[tuple]) -> None:
@@ -165,7 +143,7 @@ class SegmentationWidget(QWidget):
                 layer = self.viewer.add_labels(data, **kwargs)
                 if name == LAYER_NAMES[1]:
                     layer.contour = 2  # cells as outlines over the stains, nuclei filled
-        info = layer_data[0][1]["metadata"][_SEG_KEY]
+        info = layer_data[0][1]["metadata"][SEG_KEY]
         _plate, well, site = info["field"]
         note = f" ({info['note']})" if info["note"] else ""
         self.status.setText(f"{well} site {site}: {info['n_cells']} cells{note}")
@@ -176,14 +154,13 @@ class SegmentationWidget(QWidget):
 
     # ------------------------------------------------------------------ export
     def _on_export_clicked(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Per-cell table", "cells.parquet", "Parquet (*.parquet);;CSV (*.csv)")
+        path, _ = QFileDialog.getSaveFileName(self, "Per-cell table", "cells.parquet",
+                                              "Parquet (*.parquet);;CSV (*.csv)")
         if path:
             self.export(path)
 
     def export(self, path: str) -> Job | None:
-        """Write the per-cell table of every field of the open plate to ``path`` (in a worker)."""
-        from ..celltable import export_cell_table
-
+        """Write the per-cell table of every field of the open plate to ``path`` (in the background process)."""
         fields = self._fields()
         if fields is None:
             _notify.error("Open a plate first: there is nothing to export.")
@@ -195,9 +172,7 @@ class SegmentationWidget(QWidget):
             skipped = f", {len(summary['skipped'])} fields skipped" if summary["skipped"] else ""
             _notify.info(f"{summary['cells']} cells written to {summary['path']}{extra}{skipped}")
 
-        self._export_job = start_job(
-            lambda progress, should_stop: export_cell_table(fields, path, nuclei_stain=nuc, cell_stain=cell,
-                                                            progress=progress, should_stop=should_stop),
-            name="per-cell table", on_returned=done, total=len(fields),
-        )
+        self._export_job = submit("cells", "cell_table", {"fields": fields, "path": str(path), "nuclei_stain": nuc,
+                                                          "cell_stain": cell},
+                                  name="per-cell table", unit="fields", on_returned=done)
         return self._export_job

@@ -18,9 +18,8 @@ import operator
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
 import os
+from typing import Any, Optional
 
 from psygnal import evented
 
@@ -67,8 +66,10 @@ class CellClipState:
     model_path, device
         Checkpoint directory and device (``auto/cuda/mps/cpu``) chosen in the Search widget.
     model
-        The loaded CellCLIP (``None`` until a job loaded it); ``model_key`` says
-        which ``(path, device)`` it was loaded for.
+        What the background process loaded (``None`` until it has): a dict with the
+        checkpoint's ``path``, ``device``, ``model_id``, ``stains``, ``image_encoder``.
+        The model itself lives in that process (:mod:`._workers`), never here;
+        ``model_key`` says which ``(path, device)`` was asked for.
     store
         Field-level :class:`~napari_cellclip.store.EmbeddingStore` of the plate.
     query

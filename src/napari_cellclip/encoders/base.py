@@ -1,66 +1,60 @@
 """Common machinery of the frozen per-channel encoders.
 
-A :class:`ChannelEncoder` turns a batch of fields ``(B, C, H, W)`` (float32 in
-[0, 1], one plane per stain) into per-channel feature vectors ``(B, C, D)``:
-every stain plane is encoded *on its own* as a grayscale image, and all ``B*C``
-planes of a batch go through the encoder in one batched forward pass.
+An encoder works in two steps:
+
+1. ``encoder.field_prep(stains)`` gives a picklable :class:`FieldPrep`, run on each
+   field in the DataLoader worker processes: ``prep(raw (C, H, W), ranges (C, 2) or None)``
+   rescales each channel to [0, 1] (by the field's own percentiles, or by the fixed
+   ``ranges`` of plate normalisation) over only the region the encoder will look at, and
+   gives it the shape the encoder wants (e.g. the crop grid's span, or the working size);
+2. ``encoder.encode(batch)`` on the device: a :class:`ChannelEncoder` turns ``(B, C, h, w)``
+   into per-channel feature vectors ``(B, C, D)``; every stain plane is encoded *on its
+   own* as a grayscale image, and all ``B*C`` planes go through one batched forward pass.
+
+``encode`` also accepts whole normalised fields (it crops or resamples them itself), so
+``encode(prep(raw))`` and ``encode(normalize(raw))`` give the same features.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..errors import CellClipError
 
-_DEVICE_CHOICES = "'auto', 'cpu', 'cuda' (or 'cuda:N') or 'mps'"
+@dataclass(frozen=True)
+class FieldPrep:
+    """Picklable preparation of one field for an encoder (see the module doc).
 
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Turn ``"auto" | "cuda[:N]" | "mps" | "cpu"`` into a :class:`torch.device`.
-
-    ``"auto"`` picks CUDA, then Apple MPS, then the CPU.  Asking for a device
-    that is not available raises :class:`CellClipError` saying so.
+    This base rescales the whole field and keeps its shape; encoders that look at part of a
+    field (:meth:`region`) or at a resampled one (:meth:`shape`) subclass it.
     """
-    if device is None:
-        device = "auto"
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise CellClipError(f"device must be a string ({_DEVICE_CHOICES}), got {device!r}")
-    name = device.strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise CellClipError(
-                f"device {device!r} was requested but CUDA is not available in this "
-                f"PyTorch build/machine (torch {torch.__version__}); use 'auto' or 'cpu'"
-            )
-        try:
-            dev = torch.device(name)
-        except RuntimeError as exc:
-            raise CellClipError(f"invalid CUDA device {device!r}: {exc}") from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CellClipError(
-                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-        return dev
-    if name == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise CellClipError("device 'mps' was requested but Apple MPS is not available; use 'auto' or 'cpu'")
-        return torch.device("mps")
-    raise CellClipError(f"unknown device {device!r}; choose {_DEVICE_CHOICES}")
+
+    low: float = 1.0
+    high: float = 99.9
+
+    def region(self, h: int, w: int) -> tuple[slice, slice]:
+        """The part of an ``h × w`` field the encoder looks at."""
+        return slice(0, h), slice(0, w)
+
+    def shape(self, x: np.ndarray) -> np.ndarray:
+        """The rescaled region → what ``encode`` takes."""
+        return x
+
+    def __call__(self, raw: np.ndarray, ranges: np.ndarray | None = None) -> np.ndarray:
+        """``raw`` (C, H, W) → float32 in [0, 1]; ``ranges``: fixed (C, 2) (lo, hi) per channel (plate
+        normalisation), None: the field's own ``low``/``high`` percentiles (over the whole field)."""
+        from ..images import channel_ranges, normalize_range
+
+        if ranges is None:
+            ranges = channel_ranges(raw, self.low, self.high)
+        ys, xs = self.region(*raw.shape[-2:])
+        return np.ascontiguousarray(self.shape(normalize_range(raw[:, ys, xs], ranges)), dtype=np.float32)
 
 
 def short_hash(text: str, n: int = 16) -> str:
@@ -102,6 +96,10 @@ class ChannelEncoder:
         raise NotImplementedError
 
     # -- public -----------------------------------------------------------
+    def field_prep(self, stains=None, *, low: float = 1.0, high: float = 99.9) -> FieldPrep:
+        """The picklable per-field preparation for this encoder, run in DataLoader workers."""
+        return FieldPrep(low, high)
+
     @property
     def identity_hash(self) -> str:
         """16 hex digits of :attr:`identity` (used as a folder name in the cache)."""

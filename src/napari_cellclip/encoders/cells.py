@@ -12,8 +12,7 @@ its DataLoader worker processes: ``encoder.field_prep(stains)(raw, ranges)`` tak
 raw ``(C, H, W)`` field and its fixed intensity ranges (plate normalisation; None:
 the field's own percentiles) and returns the ``(C, D)`` profile; ``encoder.encode``
 then only stacks a batch of profiles ``(B, C, D)``.  ``encode`` also accepts whole
-fields ``(B, C, H, W)`` in [0, 1] and measures them in-process (the path of
-``features.extract_features`` today).
+fields ``(B, C, H, W)`` in [0, 1] and measures them in-process.
 
 Which channel is DNA and which one cells are grown on is named, not guessed: the
 encoder is built for a stain order (``stains``, default the Cell Painting order
@@ -181,11 +180,12 @@ class CellsEncoder(ChannelEncoder):
         return CellsEncoder(nuclei=self.nuclei_stain, cell=self.cell_stain, stains=stains,
                             **{f.name: getattr(self.params, f.name) for f in dc_fields(self.params)})
 
-    def field_prep(self, stains: Sequence[str], low: float = 1.0, high: float = 99.9) -> CellFieldPrep:
-        """The picklable worker-side preparation for fields of ``stains`` (see module doc)."""
+    def field_prep(self, stains: Sequence[str] | None = None, *, low: float = 1.0,
+                   high: float = 99.9) -> CellFieldPrep:
+        """The picklable worker-side preparation for fields of ``stains`` (default :attr:`stains`; module doc)."""
         from ..segmentation import _stain_index
 
-        stains = tuple(str(s) for s in stains)
+        stains = tuple(str(s) for s in (self.stains if stains is None else stains))
         _stain_index(stains, self.nuclei_stain, "nucleus")
         _stain_index(stains, self.cell_stain, "cell")
         return CellFieldPrep(stains, self.nuclei_stain, self.cell_stain, self.params, float(low), float(high))

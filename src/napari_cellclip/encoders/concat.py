@@ -2,18 +2,17 @@
 
 Each channel's feature vector is the concatenation of the parts' vectors for that
 channel, in the order of the spec: ``(B, C, D1 + D2 + ...)``.  The identity names
-every part's identity, so a cache entry or checkpoint knows all of them.
-:func:`napari_cellclip.features.extract_features` extracts each part on its own (and
-caches it under the part's identity), so the costly ``cells`` part is measured once
-for ``cells`` and ``morphology+cells`` alike.
+every part's identity, so a cache entry or checkpoint knows all of them.  The feature
+engine (:func:`napari_cellclip.features.iter_features`) takes each part through its road
+on its own (and caches it under the part's identity), so the costly ``cells`` part is
+measured once for ``cells`` and ``morphology+cells`` alike.
 
-Worker-side preparation (``field_prep(stains)``) runs every part's preparation and
-packs the results into one flat float32 vector per field: a header
-``[n_parts, ndim_1, *shape_1, ndim_2, *shape_2, ...]`` followed by the parts'
+The encoder interface holds as for any encoder: ``field_prep(stains)`` runs every
+part's preparation and packs the results into one flat float32 vector per field: a
+header ``[n_parts, ndim_1, *shape_1, ndim_2, *shape_2, ...]`` followed by the parts'
 arrays, raveled.  Fields of one size pack to one length, so a batch stacks to
 ``(B, L)``, and :meth:`ConcatEncoder.encode` unpacks it and hands each part its own
-prepared batch.  A part without a ``field_prep`` of its own gets the normalised
-whole field (:class:`NormalizedField`).
+prepared batch.
 """
 
 from __future__ import annotations
@@ -26,21 +25,7 @@ import numpy as np
 from ..errors import CellClipError
 from .base import ChannelEncoder
 
-__all__ = ["ConcatEncoder", "ConcatFieldPrep", "NormalizedField"]
-
-
-@dataclass(frozen=True)
-class NormalizedField:
-    """Picklable prep: the whole field rescaled to [0, 1] (by ``ranges`` or its own percentiles)."""
-
-    low: float = 1.0
-    high: float = 99.9
-
-    def __call__(self, raw: np.ndarray, ranges=None) -> np.ndarray:
-        from ..images import normalize, normalize_range
-
-        out = normalize(raw, self.low, self.high) if ranges is None else normalize_range(raw, ranges)
-        return np.ascontiguousarray(out, dtype=np.float32)
+__all__ = ["ConcatEncoder", "ConcatFieldPrep"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +81,9 @@ class ConcatEncoder(ChannelEncoder):
         parts = [p.with_stains(stains) if hasattr(p, "with_stains") else p for p in self.parts]
         return self if all(a is b for a, b in zip(parts, self.parts)) else ConcatEncoder(parts)
 
-    def field_prep(self, stains: Sequence[str], low: float = 1.0, high: float = 99.9) -> ConcatFieldPrep:
-        preps = []
-        for p in self.parts:
-            fp = getattr(p, "field_prep", None)
-            preps.append(fp(stains, low=low, high=high) if fp is not None else NormalizedField(low, high))
-        return ConcatFieldPrep(tuple(preps))
+    def field_prep(self, stains=None, *, low: float = 1.0, high: float = 99.9) -> ConcatFieldPrep:
+        """Every part's preparation, packed (module doc)."""
+        return ConcatFieldPrep(tuple(p.field_prep(stains, low=low, high=high) for p in self.parts))
 
     def encode(self, x):
         """Fields ``(B, C, H, W)`` in [0, 1], or packed prepared fields ``(B, L)`` → ``(B, C, sum D)``."""

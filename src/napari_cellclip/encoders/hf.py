@@ -32,6 +32,7 @@ import math
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from torch import nn
 
 from .._fsutil import file_digest
 from ..errors import CellClipError, CellClipWarning
-from .base import ChannelEncoder
+from .base import ChannelEncoder, FieldPrep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -140,6 +141,21 @@ def fold_rgb_conv(conv: nn.Conv2d, mean, std) -> nn.Conv2d:
     return new
 
 
+def crop_starts(length: int, size: int, k: int) -> list[int]:
+    """Where the ``k`` crops of ``size`` px start along an axis of ``length`` px (≥ ``size``):
+    adjacent and centred when ``k·size`` fits, else spread evenly from edge to edge.
+
+    The one definition of the crop geometry: :func:`crop_grid` cuts these crops and
+    :class:`CropPrep` keeps only the span they cover.
+    """
+    if k == 1:
+        return [(length - size) // 2]
+    if k * size <= length:
+        off = (length - k * size) // 2
+        return [off + i * size for i in range(k)]
+    return [round(i * (length - size) / (k - 1)) for i in range(k)]
+
+
 def crop_grid(x: torch.Tensor, size: int, n_crops: int) -> torch.Tensor:
     """``(N, 1, H, W)`` → ``(N, n_crops, 1, size, size)`` on a centred k×k grid (see module doc)."""
     k = math.isqrt(n_crops)
@@ -149,18 +165,90 @@ def crop_grid(x: torch.Tensor, size: int, n_crops: int) -> torch.Tensor:
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
         h, w = nh, nw
-
-    def starts(length: int) -> list[int]:
-        if k == 1:
-            return [(length - size) // 2]
-        if k * size <= length:
-            off = (length - k * size) // 2
-            return [off + i * size for i in range(k)]
-        return [round(i * (length - size) / (k - 1)) for i in range(k)]
-
-    ys, xs = starts(h), starts(w)
+    ys, xs = crop_starts(h, size, k), crop_starts(w, size, k)
     crops = [x[:, :, y : y + size, x0 : x0 + size] for y in ys for x0 in xs]
     return torch.stack(crops, dim=1)
+
+
+@dataclass(frozen=True)
+class CropPrep(FieldPrep):
+    """Keeps (and rescales) only the span of the ``grid × grid`` crops of ``size`` px
+    (:func:`crop_starts`); a field smaller than a crop is kept whole (it is upsampled later)."""
+
+    size: int = 224
+    grid: int = 2
+
+    def region(self, h: int, w: int) -> tuple[slice, slice]:
+        if min(h, w) < self.size:
+            return slice(0, h), slice(0, w)
+        ys, xs = crop_starts(h, self.size, self.grid), crop_starts(w, self.size, self.grid)
+        return slice(ys[0], ys[-1] + self.size), slice(xs[0], xs[-1] + self.size)
+
+
+def _check_n_crops(n_crops) -> int:
+    try:
+        n_crops = int(n_crops)
+    except (TypeError, ValueError):
+        raise CellClipError(f"n_crops must be a square number (1, 4, 9, ...), got {n_crops!r}") from None
+    if n_crops < 1 or math.isqrt(n_crops) ** 2 != n_crops:
+        raise CellClipError(f"n_crops must be a square number (1, 4, 9, ...), got {n_crops}")
+    return n_crops
+
+
+def _resolve_source(source: str) -> tuple[str, str | None, bool]:
+    """``(folder or hub id, revision, is a local folder)`` of an ``hf:`` spec's source."""
+    revision, src = None, source
+    expanded = os.path.expanduser(source)
+    local = os.path.isdir(expanded)
+    if not local and "@" in source and not _looks_like_path(source):
+        src, revision = source.rsplit("@", 1)
+    if local:
+        src = str(Path(expanded).resolve())
+        if not (Path(src) / "config.json").is_file():
+            raise CellClipError(
+                f"image encoder folder {source!r} has no config.json; expected a folder written by "
+                "transformers save_pretrained (config.json + model.safetensors)"
+            )
+    elif _looks_like_path(source) or os.path.exists(expanded):
+        raise CellClipError(
+            f"image encoder folder {source!r} does not exist (or is not a folder); give a folder written "
+            "by transformers save_pretrained or a Hugging Face hub id such as 'facebook/dinov2-small'"
+        )
+    return src, revision, local
+
+
+def _mean_std(pre: dict | None, spec: str) -> tuple[tuple, tuple]:
+    """The RGB normalisation of the preprocessor config (ImageNet's, with a warning, without one)."""
+    mean = std = None
+    if pre is not None:
+        mean, std = pre.get("image_mean"), pre.get("image_std")
+    if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std)
+            and len(mean) in (1, 3)):
+        warnings.warn(f"{spec}: no usable image_mean/image_std in preprocessor_config.json; using ImageNet "
+                      "statistics", CellClipWarning, stacklevel=3)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) == 1:
+        mean, std = tuple(mean) * 3, tuple(std) * 3
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if any(s <= 0 for s in std):
+        raise CellClipError(f"{spec}: image_std must be positive, got {std}")
+    return mean, std
+
+
+def _fold_first_conv(model: nn.Module, mean, std) -> bool:
+    """Replace an unpadded RGB patch embedding by its 1-channel fold (:func:`fold_rgb_conv`) in place;
+    returns whether it did."""
+    found = _find_first_conv(model, 3)
+    if found is None or tuple(found[1].padding) not in ((0, 0), (0,)) or found[1].groups != 1 \
+            or found[1].padding_mode != "zeros":
+        return False
+    name, conv = found
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], fold_rgb_conv(conv, mean, std))
+    for m in model.modules():
+        if getattr(m, "num_channels", None) == 3:
+            m.num_channels = 1
+    return True
 
 
 class HFEncoder(ChannelEncoder):
@@ -187,96 +275,43 @@ class HFEncoder(ChannelEncoder):
     def __init__(self, source: str, device="auto", n_crops: int = DEFAULT_N_CROPS, max_batch: int = 256,
                  fold: bool = True):
         super().__init__(device)
-        try:
-            n_crops = int(n_crops)
-        except (TypeError, ValueError):
-            raise CellClipError(f"n_crops must be a square number (1, 4, 9, ...), got {n_crops!r}") from None
-        if n_crops < 1 or math.isqrt(n_crops) ** 2 != n_crops:
-            raise CellClipError(f"n_crops must be a square number (1, 4, 9, ...), got {n_crops}")
-        self.n_crops = n_crops
+        self.n_crops = _check_n_crops(n_crops)
         self.max_batch = max(1, int(max_batch))
         self.spec = f"hf:{source}"
-
-        revision = None
-        src = source
-        expanded = os.path.expanduser(source)
-        local = os.path.isdir(expanded)
-        if not local and "@" in source and not _looks_like_path(source):
-            src, revision = source.rsplit("@", 1)
-        if local:
-            src = str(Path(expanded).resolve())
-            if not (Path(src) / "config.json").is_file():
-                raise CellClipError(
-                    f"image encoder folder {source!r} has no config.json; expected a folder written by "
-                    "transformers save_pretrained (config.json + model.safetensors)"
-                )
-        elif _looks_like_path(source) or os.path.exists(expanded):
-            raise CellClipError(
-                f"image encoder folder {source!r} does not exist (or is not a folder); give a folder written "
-                "by transformers save_pretrained or a Hugging Face hub id such as 'facebook/dinov2-small'"
-            )
-        self.source = src
-        self.revision = revision
+        src, revision, local = _resolve_source(source)
+        self.source, self.revision = src, revision
 
         model = self._load_model(src, revision, local)
         config = model.config
         if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
             model = model.vision_model  # e.g. CLIP: keep the image tower only
             config = model.config
-
         pre = _read_preprocessor(src, local, revision)
-        mean = std = None
-        if pre is not None:
-            mean, std = pre.get("image_mean"), pre.get("image_std")
-        if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std)
-                and len(mean) in (1, 3)):
-            warnings.warn(
-                f"{self.spec}: no usable image_mean/image_std in preprocessor_config.json; "
-                "using ImageNet statistics",
-                CellClipWarning,
-                stacklevel=2,
-            )
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if len(mean) == 1:
-            mean, std = tuple(mean) * 3, tuple(std) * 3
-        self.image_mean = tuple(float(v) for v in mean)
-        self.image_std = tuple(float(v) for v in std)
-        if any(s <= 0 for s in self.image_std):
-            raise CellClipError(f"{self.spec}: image_std must be positive, got {self.image_std}")
+        self.image_mean, self.image_std = _mean_std(pre, self.spec)
         self.input_size = _input_size(pre, config)
-
         # fold the grey→RGB replication + normalisation into the first conv
-        self.folded = False
-        if fold:
-            found = _find_first_conv(model, 3)
-            if found is not None and tuple(found[1].padding) in ((0, 0), (0,)) and found[1].groups == 1 \
-                    and found[1].padding_mode == "zeros":
-                name, conv = found
-                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-                setattr(parent, name.rsplit(".", 1)[-1], fold_rgb_conv(conv, self.image_mean, self.image_std))
-                for m in model.modules():
-                    if getattr(m, "num_channels", None) == 3:
-                        m.num_channels = 1
-                self.folded = True
+        self.folded = fold and _fold_first_conv(model, self.image_mean, self.image_std)
 
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
         self._mean = torch.tensor(self.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.image_std, device=self.device).view(1, 3, 1, 1)
-
         dim = getattr(config, "hidden_size", None)
         if not isinstance(dim, int):
             with torch.inference_mode():
                 dim = int(self._forward_crops(torch.zeros(1, 1, self.input_size, self.input_size,
                                                           device=self.device)).shape[-1])
         self.dim = int(dim)
-
         weights = self._weights_id(src, local, revision, config)
         self.identity = (
             f"{_VERSION}|{weights}|size={self.input_size}|crops={self.n_crops}"
             f"|mean={','.join(f'{v:.6g}' for v in self.image_mean)}"
             f"|std={','.join(f'{v:.6g}' for v in self.image_std)}"
         )
+
+    def field_prep(self, stains=None, *, low: float = 1.0, high: float = 99.9) -> CropPrep:
+        """Rescale only the span of this encoder's crop grid (see :class:`CropPrep`)."""
+        return CropPrep(low, high, self.input_size, math.isqrt(self.n_crops))
 
     # -- loading ------------------------------------------------------------
     def _load_model(self, src: str, revision: str | None, local: bool):
@@ -317,7 +352,8 @@ class HFEncoder(ChannelEncoder):
             folder = Path(src)
             files = sorted(
                 p for p in folder.iterdir()
-                if p.is_file() and (p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json"))
+                if p.is_file() and (p.suffix == ".safetensors"
+                                    or p.name in ("config.json", "model.safetensors.index.json"))
             )
             digest = hashlib.blake2b(digest_size=16)
             for p in files:

@@ -46,11 +46,13 @@ is ``len(FEATURE_NAMES) == 128``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import ChannelEncoder
+from .base import ChannelEncoder, FieldPrep
 
 _VERSION = "morph-v1"
 QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 0.99)
@@ -163,18 +165,29 @@ def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
     return _sliding_max(_sliding_max(x, r, -1), r, -2)
 
 
-def morphology_features(planes: torch.Tensor, size: int = 256) -> torch.Tensor:
-    """Descriptors of grayscale planes ``(N, 1, H, W)`` in [0, 1] → ``(N, 128)`` float32."""
-    x = planes.float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="area") if min(x.shape[-2:]) >= size else \
-            F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = x.clamp(0.0, 1.0)
-    n = x.shape[0]
-    flat = x.flatten(1)
-    feats: list[torch.Tensor] = []
+def working_image(planes: torch.Tensor, size: int) -> torch.Tensor:
+    """Planes ``(N, 1, H, W)`` resampled to the ``size × size`` working image: area averaging
+    (bilinear for planes smaller than ``size``); unchanged when already that size."""
+    if planes.shape[-2:] == (size, size):
+        return planes
+    if min(planes.shape[-2:]) >= size:
+        return F.interpolate(planes, size=(size, size), mode="area")
+    return F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False)
 
-    # -- intensity ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResizePrep(FieldPrep):
+    """Rescales the whole field and resamples it to the encoder's working image in the worker."""
+
+    size: int = 256
+
+    def shape(self, x: np.ndarray) -> np.ndarray:
+        return working_image(torch.from_numpy(x)[:, None], self.size)[:, 0].numpy()
+
+
+def _intensity(x: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Intensity, coverage and histogram blocks, and the statistics later blocks reuse."""
+    n, flat = x.shape[0], x.flatten(1)
     mean = flat.mean(1)
     cent = flat - mean[:, None]
     var = (cent**2).mean(1)
@@ -185,66 +198,74 @@ def morphology_features(planes: torch.Tensor, size: int = 256) -> torch.Tensor:
     m = srt.shape[1]
     qidx = torch.tensor([min(m - 1, int(round(q * (m - 1)))) for q in QUANTILES], device=x.device)
     quant = srt[:, qidx]
-    feats += [mean[:, None], std[:, None], torch.tanh(skew / 4)[:, None], torch.tanh(kurt / 4)[:, None], quant]
-    feats.append(torch.stack([(flat > t).float().mean(1) for t in COVERAGE], 1))
     bins = (flat * N_BINS).long().clamp_(0, N_BINS - 1)
-    hist = torch.zeros(n, N_BINS, device=x.device, dtype=x.dtype).scatter_add_(1, bins, torch.ones_like(flat))
-    hist = hist / m
-    feats.append(hist)
+    hist = torch.zeros(n, N_BINS, device=x.device, dtype=x.dtype).scatter_add_(1, bins, torch.ones_like(flat)) / m
+    feats = [mean[:, None], std[:, None], torch.tanh(skew / 4)[:, None], torch.tanh(kurt / 4)[:, None], quant,
+             torch.stack([(flat > t).float().mean(1) for t in COVERAGE], 1), hist]
+    return feats, {"mean": mean, "var": var, "quant": quant, "hist": hist, "sorted": srt}
 
-    # -- Gaussian pyramid filter bank -------------------------------------
-    level = x
-    pyr, peaks = [], []
+
+def _octave(level: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One octave of the pyramid: its 9 filter-bank values, its blob-peak density, the next level."""
+    g = _blur(level, 1.0)
+    gx, gy, gxx, gyy, gxy = _derivatives(g)
+    grad = (gx**2 + gy**2).sqrt()
+    log = gxx + gyy
+    disc = ((gxx - gyy) ** 2 + 4 * gxy**2).sqrt()
+    l1 = 0.5 * (log + disc)  # larger eigenvalue
+    l2 = 0.5 * (log - disc)  # smaller eigenvalue
+    band = level - g
+    jxx, jyy, jxy = _blur(torch.cat([gx * gx, gy * gy, gx * gy], 1), 1.5).unbind(1)
+    tr = jxx + jyy
+    coh_num = ((jxx - jyy) ** 2 + 4 * jxy**2).sqrt()
+    coherence = coh_num.flatten(1).sum(1) / (tr.flatten(1).sum(1) + _EPS)
+    bank = torch.stack([
+        _mean(grad), _mean(F.relu(-log)), _mean(F.relu(log)),
+        _mean(F.relu(-l1)), _mean(F.relu(-l2)), _mean(F.relu(l2)),
+        _mean(band.abs()), _std(g), coherence,
+    ], 1)
+    resp = -log
+    is_max = (resp == _dilate(resp, 1)) & (resp > PEAK_THRESHOLD)
+    # density per (working px at octave 0)^2 × 1000, comparable across octaves
+    peaks = is_max.flatten(1).float().sum(1) * 1000.0 / float(size * size)
+    return bank, peaks, F.avg_pool2d(g, 2)
+
+
+def _pyramid(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Gaussian pyramid filter bank (energies square-rooted) and blob-peak densities."""
+    level, pyr, peaks = x, [], []
     for _ in range(N_OCTAVES):
-        g = _blur(level, 1.0)
-        gx, gy, gxx, gyy, gxy = _derivatives(g)
-        grad = (gx**2 + gy**2).sqrt()
-        log = gxx + gyy
-        disc = ((gxx - gyy) ** 2 + 4 * gxy**2).sqrt()
-        l1 = 0.5 * (log + disc)  # larger eigenvalue
-        l2 = 0.5 * (log - disc)  # smaller eigenvalue
-        band = level - g
-        jxx, jyy, jxy = _blur(torch.cat([gx * gx, gy * gy, gx * gy], 1), 1.5).unbind(1)
-        tr = jxx + jyy
-        coh_num = ((jxx - jyy) ** 2 + 4 * jxy**2).sqrt()
-        coherence = coh_num.flatten(1).sum(1) / (tr.flatten(1).sum(1) + _EPS)
-        pyr.append(torch.stack([
-            _mean(grad), _mean(F.relu(-log)), _mean(F.relu(log)),
-            _mean(F.relu(-l1)), _mean(F.relu(-l2)), _mean(F.relu(l2)),
-            _mean(band.abs()), _std(g), coherence,
-        ], 1))
-        resp = -log
-        is_max = (resp == _dilate(resp, 1)) & (resp > PEAK_THRESHOLD)
-        # density per (working px at octave 0)^2 × 1000, comparable across octaves
-        peaks.append(is_max.flatten(1).float().sum(1) * 1000.0 / float(size * size))
-        level = F.avg_pool2d(g, 2)
+        bank, pk, level = _octave(level, size)
+        pyr.append(bank)
+        peaks.append(pk)
     pyr_t = torch.cat(pyr, 1)
     # energies → sqrt (variance-stabilising); coherence and std are already O(1)
     energy_mask = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0] * N_OCTAVES, dtype=torch.bool, device=x.device)
-    pyr_t = torch.where(energy_mask, pyr_t.clamp_min(0).sqrt(), pyr_t)
-    feats.append(pyr_t)
-    feats.append(torch.log1p(torch.stack(peaks, 1)))
+    return [torch.where(energy_mask, pyr_t.clamp_min(0).sqrt(), pyr_t), torch.log1p(torch.stack(peaks, 1))]
 
-    # -- granularity spectrum (grey opening / closing by growing squares) --
+
+def _spectrum(img: torch.Tensor, radii) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Mass removed by grey openings with growing squares (fractions), what is left, and the total."""
+    total = img.flatten(1).sum(1) + _EPS
+    prev, out = total, []
+    for r in radii:
+        mass = _dilate(_erode(img, r), r).flatten(1).sum(1)
+        out.append((prev - mass).clamp_min(0) / total)
+        prev = torch.minimum(prev, mass)
+    return out, prev, total
+
+
+def _granularity(x: torch.Tensor) -> torch.Tensor:
+    """Granularity spectrum: openings (bright granules) and closings (dark granules) of the half image."""
     half = F.avg_pool2d(x, 2)
-    total = half.flatten(1).sum(1) + _EPS
-    prev = total
-    gran = []
-    for r in OPEN_RADII:
-        mass = _dilate(_erode(half, r), r).flatten(1).sum(1)
-        gran.append((prev - mass).clamp_min(0) / total)
-        prev = torch.minimum(prev, mass)
-    gran.append(prev / total)
-    inv = 1.0 - half
-    tot_inv = inv.flatten(1).sum(1) + _EPS
-    prev = tot_inv
-    for r in CLOSE_RADII:  # closing of x == 1 - opening of (1 - x): dark granules
-        mass = _dilate(_erode(inv, r), r).flatten(1).sum(1)
-        gran.append((prev - mass).clamp_min(0) / tot_inv)
-        prev = torch.minimum(prev, mass)
-    feats.append(torch.stack(gran, 1).sqrt())
+    bright, rest, total = _spectrum(half, OPEN_RADII)
+    dark, _, _ = _spectrum(1.0 - half, CLOSE_RADII)  # closing of x == 1 - opening of (1 - x)
+    return torch.stack(bright + [rest / total] + dark, 1).sqrt()
 
-    # -- local texture -----------------------------------------------------
+
+def _local_texture(x: torch.Tensor, st: dict) -> list[torch.Tensor]:
+    """Local-window texture, spatial heterogeneity, co-occurrence contrast/autocorrelation, detail."""
+    n = x.shape[0]
     lstd, lcv = [], []
     x2 = x * x
     for w in LOCAL_WINDOWS:
@@ -252,33 +273,33 @@ def morphology_features(planes: torch.Tensor, size: int = 256) -> torch.Tensor:
         sd = (_box(x2, w) - mu**2).clamp_min(0).sqrt()
         lstd.append(_mean(sd))
         lcv.append(_mean(sd / (mu + 0.05)))
-    feats.append(torch.stack(lstd + lcv, 1))
     grid = F.adaptive_avg_pool2d(x, 4).flatten(1)
-    maxima = (x == _dilate(x, 1)) & (x > quant[:, 6:7, None, None].view(n, 1, 1, 1))
-    feats.append(torch.stack([
-        _std(grid), grid.max(1).values - grid.min(1).values,
-        maxima.flatten(1).float().mean(1) * 10.0,
-    ], 1))
+    maxima = (x == _dilate(x, 1)) & (x > st["quant"][:, 6:7, None, None].view(n, 1, 1, 1))
     cooc = []
-    for d in COOC_OFFSETS:
-        a, bx = x[:, :, :, :-d], x[:, :, :, d:]
-        c, by = x[:, :, :-d, :], x[:, :, d:, :]
-        for p, q in ((a, bx), (c, by)):
-            cooc.append(((p - q) ** 2).flatten(1).mean(1).sqrt())
-        for p, q in ((a, bx), (c, by)):  # autocorrelation at offset d (whole-image moments)
-            cov = _mean(p * q) - mean**2
-            cooc.append(cov / (var + _EPS))
-    # order: contrast_x, contrast_y, corr_x, corr_y per offset
-    feats.append(torch.stack(cooc, 1))
-    d1 = _mean((x - _blur(x, 1.0)).abs()).sqrt()
-    d2 = _mean((x - _blur(x, 2.0)).abs()).sqrt()
-    p = hist.clamp_min(1e-12)
-    entropy = -(hist * p.log()).sum(1) / math.log(N_BINS)
-    top = srt[:, int(0.9 * m):].sum(1) / (srt.sum(1) + _EPS)
-    feats.append(torch.stack([d1, d2, entropy, top], 1))
+    for d in COOC_OFFSETS:  # order: contrast_x, contrast_y, corr_x, corr_y per offset
+        pairs = ((x[:, :, :, :-d], x[:, :, :, d:]), (x[:, :, :-d, :], x[:, :, d:, :]))
+        cooc += [((p - q) ** 2).flatten(1).mean(1).sqrt() for p, q in pairs]
+        cooc += [(_mean(p * q) - st["mean"] ** 2) / (st["var"] + _EPS) for p, q in pairs]  # whole-image moments
+    hist, srt = st["hist"], st["sorted"]
+    entropy = -(hist * hist.clamp_min(1e-12).log()).sum(1) / math.log(N_BINS)
+    top = srt[:, int(0.9 * srt.shape[1]):].sum(1) / (srt.sum(1) + _EPS)
+    return [
+        torch.stack(lstd + lcv, 1),
+        torch.stack([_std(grid), grid.max(1).values - grid.min(1).values, maxima.flatten(1).float().mean(1) * 10.0], 1),
+        torch.stack(cooc, 1),
+        torch.stack([_mean((x - _blur(x, 1.0)).abs()).sqrt(), _mean((x - _blur(x, 2.0)).abs()).sqrt(),
+                     entropy, top], 1),
+    ]
 
-    out = torch.cat(feats, 1)
-    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+def morphology_features(planes: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """Descriptors of grayscale planes ``(N, 1, H, W)`` in [0, 1] → ``(N, 128)`` float32 (module doc)."""
+    x = working_image(planes.float(), size).clamp(0.0, 1.0)
+    feats, stats = _intensity(x)
+    feats += _pyramid(x, size)
+    feats.append(_granularity(x))
+    feats += _local_texture(x, stats)
+    return torch.nan_to_num(torch.cat(feats, 1), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class MorphologyEncoder(ChannelEncoder):
@@ -305,6 +326,10 @@ class MorphologyEncoder(ChannelEncoder):
         self.dim = len(FEATURE_NAMES)
         self.feature_names = FEATURE_NAMES
         self.identity = f"{_VERSION}|size={self.size}|D={self.dim}"
+
+    def field_prep(self, stains=None, *, low: float = 1.0, high: float = 99.9) -> ResizePrep:
+        """Rescale the whole field and resample it to the working size in the worker."""
+        return ResizePrep(low, high, self.size)
 
     def _encode_planes(self, planes: torch.Tensor) -> torch.Tensor:
         return morphology_features(planes, self.size)
