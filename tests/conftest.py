@@ -227,3 +227,27 @@ def loop_gaps(qtbot):
     rec = LoopGaps()
     yield rec
     rec.timer.stop()
+
+
+@pytest.fixture()
+def sample_plate_copies(tmp_path):
+    """make(names) -> LoadData CSVs of the bundled sample plate under other barcodes (same images)."""
+    import pandas as pd
+
+    from napari_cellclip.sample import sample_plate_dir
+
+    def make(names=("SQ00015198", "SQ00015230")):
+        src = pd.read_csv(sample_plate_dir() / "load_data.csv")
+        plates = []
+        for name in names:
+            d = tmp_path / name
+            d.mkdir()
+            t = src.copy()
+            t["Metadata_Plate"] = name
+            for col in [c for c in t.columns if c.startswith("PathName_")]:
+                t[col] = str(sample_plate_dir())
+            t.to_csv(d / "load_data.csv", index=False)
+            plates.append(d / "load_data.csv")
+        return plates
+
+    return make

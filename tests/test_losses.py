@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from napari_cellclip import losses
-from napari_cellclip.losses import (
-    clip_loss,
-    compute_loss,
-    cwcl_loss,
-    gather_features,
-    siglip_loss,
-)
+from napari_cellclip.losses import (HOPFIELD_SCALE, clip_loss, cloob_loss, compute_loss, cwcl_loss,
+                                   gather_features, siglip_loss)
 
 LN100 = math.log(100.0)
 
@@ -118,6 +113,49 @@ def ref_siglip(img, txt, log_scale, bias, labels=None):
     return total / n
 
 
+def _unit(v):
+    n = math.sqrt(sum(float(a) * float(a) for a in v))
+    return [float(a) / n for a in v]
+
+
+def _retrieve(state, stored, beta):
+    """Modern Hopfield retrieval, one state at a time: normalise(sum_j softmax_j(beta <s, x_j>) x_j)."""
+    out = []
+    for s in state:
+        logits = [beta * sum(a * b for a, b in zip(s, x)) for x in stored]
+        m = max(logits)
+        w = [math.exp(v - m) for v in logits]
+        z = sum(w)
+        out.append(_unit([sum(w[j] / z * stored[j][d] for j in range(len(stored))) for d in range(len(s))]))
+    return out
+
+
+def _loob_rows(q, c, positive, inv_tau):
+    """mean over rows with a negative of [-mean_pos k + log sum_neg exp k], k = inv_tau <q_r, c_j>."""
+    rows = []
+    for r in range(len(q)):
+        k = [inv_tau * sum(a * b for a, b in zip(q[r], c[j])) for j in range(len(c))]
+        pos = [k[j] for j in range(len(c)) if positive[r][j]]
+        neg = [k[j] for j in range(len(c)) if not positive[r][j]]
+        if neg:
+            rows.append(-sum(pos) / len(pos) + math.log(sum(math.exp(v) for v in neg)))
+    return sum(rows) / len(rows) if rows else 0.0
+
+
+def ref_cloob(img, txt, log_scale, labels=None, beta=HOPFIELD_SCALE):
+    n = img.shape[0]
+    inv_tau = math.exp(min(log_scale, LN100))
+    lab, uniq, groups = _groups(labels, n)
+    x = [_unit(img[i].tolist()) for i in range(n)]
+    y = [_unit([float(v) for v in t]) for t in _texts(txt, groups)]  # distinct prompts
+    u_x, u_y = _retrieve(x, x, beta), _retrieve(y, x, beta)
+    v_x, v_y = _retrieve(x, y, beta), _retrieve(y, y, beta)
+    own = _i2t_targets(labels, n)  # [image][prompt] 1 for the image's own prompt
+    loss_img = _loob_rows(u_x, u_y, own, inv_tau)
+    loss_txt = _loob_rows(v_y, v_x, _transpose(own), inv_tau)
+    return (loss_img + loss_txt) / inv_tau
+
+
 # --------------------------------------------------------------------- tests
 @pytest.mark.parametrize("labels", [None, [0, 1, 0, 2, 1, 3]])
 @pytest.mark.parametrize("log_scale", [math.log(1 / 0.07), 0.3])
@@ -149,6 +187,57 @@ def test_siglip_matches_loops(labels, bias):
     assert got.item() == pytest.approx(ref_siglip(img, txt, log_scale, bias, labels), rel=1e-10)
 
 
+@pytest.mark.parametrize("labels", [None, [0, 1, 0, 2, 1, 0]])
+@pytest.mark.parametrize("log_scale", [math.log(1 / 0.07), 0.4])
+@pytest.mark.parametrize("beta", [HOPFIELD_SCALE, 1.5])
+def test_cloob_matches_loops(labels, log_scale, beta):
+    img, txt, _ = _data()
+    lab = None if labels is None else torch.tensor(labels)
+    got = cloob_loss(img, txt, torch.tensor(log_scale, dtype=torch.float64), labels=lab, hopfield_scale=beta)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(ref_cloob(img, txt, log_scale, labels, beta), rel=1e-10)
+
+
+def _published_cloob(img, txt, inv_tau, beta):
+    """CellCLIP's ``cloob`` (src/clip/methods.py), transcribed with hflayers' Hopfield layer
+    reduced to what its settings leave (no projections, scaling beta): one prompt per image."""
+    img = torch.nn.functional.normalize(img, dim=-1)
+    txt = torch.nn.functional.normalize(txt, dim=-1)
+
+    def hopfield(state, stored):
+        r = torch.softmax(beta * state @ stored.t(), dim=-1) @ stored
+        return r / r.norm(dim=1, keepdim=True)
+
+    def info_loob(x, y, i):
+        tau = 1 / inv_tau
+        k = x @ y.T / tau
+        positives = -torch.mean(torch.sum(k * i, dim=1))
+        arg_lse = k * torch.logical_not(i) + i * -1000.0
+        return tau * (positives + torch.mean(torch.logsumexp(arg_lse, dim=1)))
+
+    p_xx, p_yy = hopfield(img, img), hopfield(txt, txt)
+    p_xy, p_yx = hopfield(txt, img), hopfield(img, txt)
+    i = torch.eye(p_xx.shape[0]) > 0.5
+    return info_loob(p_xx, p_xy, i) + info_loob(p_yy, p_yx, i)
+
+
+def test_cloob_equals_the_published_formula_without_labels():
+    img, txt, _ = _data(n=7)
+    for log_scale in (math.log(1 / 0.07), 1.0):
+        s = torch.tensor(log_scale, dtype=torch.float64)
+        ref = _published_cloob(img, txt, math.exp(log_scale), HOPFIELD_SCALE)
+        assert cloob_loss(img, txt, s).item() == pytest.approx(ref.item(), rel=1e-10)
+
+
+def test_cloob_single_prompt_batch_has_nothing_to_contrast():
+    img, txt, _ = _data(n=4)
+    img.requires_grad_(True)
+    loss = cloob_loss(img, txt, torch.tensor(2.0, dtype=torch.float64), labels=torch.zeros(4, dtype=torch.long))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(img.grad).all()
+
+
 def test_distinct_labels_equal_no_labels():
     img, txt, feats = _data()
     lab = torch.arange(6)
@@ -156,6 +245,7 @@ def test_distinct_labels_equal_no_labels():
     assert torch.allclose(clip_loss(img, txt, s), clip_loss(img, txt, s, labels=lab))
     assert torch.allclose(cwcl_loss(img, txt, feats, s), cwcl_loss(img, txt, feats, s, labels=lab))
     assert torch.allclose(siglip_loss(img, txt, s, -1.0), siglip_loss(img, txt, s, -1.0, labels=lab))
+    assert torch.allclose(cloob_loss(img, txt, s), cloob_loss(img, txt, s, labels=lab))
 
 
 def test_losses_normalise_inside_and_float32():
@@ -174,6 +264,7 @@ def test_logit_scale_clamped_at_use():
     assert torch.allclose(clip_loss(img, txt, big), clip_loss(img, txt, ln100))
     assert torch.allclose(cwcl_loss(img, txt, feats, big), cwcl_loss(img, txt, feats, ln100))
     assert torch.allclose(siglip_loss(img, txt, big, -3.0), siglip_loss(img, txt, ln100, -3.0))
+    assert torch.allclose(cloob_loss(img, txt, big), cloob_loss(img, txt, ln100))
     assert clip_loss(img, txt, big).item() == pytest.approx(ref_clip(img, txt, 10.0), rel=1e-10)
 
 
@@ -184,7 +275,7 @@ def test_gradients_and_detached_cwcl_targets():
     feats.requires_grad_(True)
     scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    loss = cwcl_loss(img, txt, feats, scale) + siglip_loss(img, txt, scale, bias)
+    loss = cwcl_loss(img, txt, feats, scale) + siglip_loss(img, txt, scale, bias) + cloob_loss(img, txt, scale)
     loss.backward()
     assert feats.grad is None  # the CWCL targets carry no gradient
     for t in (img, txt, scale, bias):
@@ -197,6 +288,7 @@ def test_compute_loss_dispatch():
     assert torch.equal(compute_loss("clip", img, txt, s), clip_loss(img, txt, s))
     assert torch.equal(compute_loss("cwcl", img, txt, s, channel_features=feats), cwcl_loss(img, txt, feats, s))
     assert torch.equal(compute_loss("siglip", img, txt, s, logit_bias=-1.0), siglip_loss(img, txt, s, -1.0))
+    assert torch.equal(compute_loss("cloob", img, txt, s), cloob_loss(img, txt, s))
     with pytest.raises(ValueError):
         compute_loss("nope", img, txt, s)
     with pytest.raises(ValueError):
@@ -221,7 +313,7 @@ def _ddp_worker(rank, world, init_file, split):
         labels = torch.tensor([0, 1, 2, 0, 3][: sum(split)])
         s = torch.tensor(1.2, dtype=torch.float64)
         lo, hi = sum(split[:rank]), sum(split[: rank + 1])
-        for name in ("clip", "cwcl", "siglip"):
+        for name in losses.LOSSES:
             for lab in (None, labels):
                 # global reference: full batch in one process
                 gi, gt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
@@ -263,7 +355,7 @@ def test_gather_ddp_uneven(tmp_path):
 
 
 def test_module_exports():
-    for name in ("clip_loss", "cwcl_loss", "siglip_loss", "gather_features"):
+    for name in ("clip_loss", "cwcl_loss", "siglip_loss", "cloob_loss", "gather_features"):
         assert hasattr(losses, name)
 
 
@@ -279,7 +371,8 @@ def test_repeated_prompts_are_positives_both_directions():
     same_txt[4] = same_txt[1]
     fns = [lambda t, f=feats: cwcl_loss(img, t, f, s, labels=lab),
            lambda t: clip_loss(img, t, s, labels=lab),
-           lambda t: siglip_loss(img, t, s, b, labels=lab)]
+           lambda t: siglip_loss(img, t, s, b, labels=lab),
+           lambda t: cloob_loss(img, t, s, labels=lab)]
     for fn in fns:
         ref = fn(same_txt)
         swapped = same_txt[[2, 1, 0, 3, 4, 5]]  # swap two same-label texts

@@ -107,7 +107,7 @@ def test_mismatched_inputs_are_clear_errors():
         compute_loss("cwcl", img, txt, s)
     with pytest.raises(ValueError, match="siglip loss needs logit_bias"):
         compute_loss("siglip", img, txt, s)
-    with pytest.raises(ValueError, match=r"unknown loss 'infonce' \(cwcl \| clip \| siglip\)"):
+    with pytest.raises(ValueError, match=r"unknown loss 'infonce' \(cwcl \| clip \| siglip \| cloob\)"):
         compute_loss("infonce", img, txt, s)
 
 

@@ -250,23 +250,13 @@ def test_fit_trains_from_memory_mapped_features_like_in_memory(tmp_path, cellcli
     assert r["steps"] == m["steps"]
 
 
-def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir):
+def test_fit_with_val_plate_tvn_and_evaluate(tmp_path, cellclip_cache_dir, sample_plate_copies):
     """Two copies of the sample plate (the second renamed) → train on one, validate on the other."""
     from napari_cellclip.model import CellCLIP
-    from napari_cellclip.sample import sample_plate_dir, sample_platemap_dir
+    from napari_cellclip.sample import sample_platemap_dir
     from training.loop import evaluate, fit
 
-    src = pd.read_csv(sample_plate_dir() / "load_data.csv")
-    plates = []
-    for name in ("SQ00015198", "SQ00015230"):
-        d = tmp_path / name
-        d.mkdir()
-        t = src.copy()
-        t["Metadata_Plate"] = name
-        for col in [c for c in t.columns if c.startswith("PathName_")]:
-            t[col] = str(sample_plate_dir())
-        t.to_csv(d / "load_data.csv", index=False)
-        plates.append(str(d / "load_data.csv"))
+    plates = [str(p) for p in sample_plate_copies()]
     out = tmp_path / "run"
     s = fit(data=plates, platemap=str(sample_platemap_dir()), val_plate=["SQ00015230"], output=str(out),
             epochs=2, correction="tvn", cache_dir=str(cellclip_cache_dir), **TINY)
@@ -315,3 +305,23 @@ def test_extract_subcommand_caches_features(tmp_path, cellclip_cache_dir, capsys
         assert z["features"].shape[:2] == (12, 5) and z["features"].dtype == np.float32
         assert sorted(set(z["well"].tolist())) == ["A01", "A13", "J18", "P13"]
     assert json.loads(capsys.readouterr().out)["fields"] == 12
+
+
+def test_fit_with_cloob_loss(tmp_path, cellclip_cache_dir):
+    """`fit --loss cloob` trains (finite, decreasing-capable loss) and records the loss in the checkpoint."""
+    from napari_cellclip.losses import LOSSES
+    from napari_cellclip.model import CellCLIP
+    from training.__main__ import build_parser
+    from training.loop import fit
+
+    choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["fit"]._actions
+                   if a.dest == "loss").choices
+    assert tuple(choices) == LOSSES  # the CLI offers every loss the library has
+    s = fit(output=str(tmp_path / "cloob"), loss="cloob", epochs=3, batch_size=4,
+            cache_dir=str(cellclip_cache_dir), **TINY)
+    metrics = [json.loads(x) for x in (tmp_path / "cloob" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == s["steps"] == 3 and all(np.isfinite(losses)) and losses[0] != 0.0
+    assert CellCLIP.from_pretrained(tmp_path / "cloob" / "model").config.loss == "cloob"
+    with pytest.raises(CellClipError, match="cloob"):
+        fit(output=str(tmp_path / "bad"), loss="infonce", epochs=1, cache_dir=str(cellclip_cache_dir), **TINY)

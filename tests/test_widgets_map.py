@@ -149,6 +149,18 @@ def test_parquet_export_round_trips(widgets, qtbot, tmp_path, wait_job):
     assert back["Metadata_Well"].tolist() == st.fields["Metadata_Well"].tolist()
 
 
+
+def test_profile_export_in_the_background(widgets, tmp_path, notes, wait_job):
+    from napari_cellclip.profiles import read_profiles
+
+    viewer, search, cmap = widgets
+    wait_job(cmap.export_profiles(tmp_path / "profiles"))
+    assert not notes["error"], notes["error"]
+    wells, cols, info = read_profiles(tmp_path / "profiles" / "wells.parquet")
+    fields, _, _ = read_profiles(tmp_path / "profiles" / "fields.parquet")
+    assert len(fields) == 12 and len(wells) == 4 and len(cols) == search.state.store.dim
+    assert info["well_profiles"] == "median of the well's field embeddings"
+
 def test_map_is_a_points_layer_other_plugins_can_use(widgets, qtbot, wait_job):
     """The map is published as a napari Points layer whose features hold the metadata, the map
     coordinates and the current query's scores; selecting points there selects the fields."""

@@ -1,4 +1,4 @@
-"""``python -m training fit|extract|evaluate`` — train and evaluate CellCLIP.
+"""``python -m training fit|extract|evaluate|profiles`` — train and evaluate CellCLIP, write profiles.
 
 ``python -m training fit`` with no further arguments trains on the bundled real
 LINCS sample with the offline defaults (weight-free morphology encoder, the
@@ -18,6 +18,7 @@ import sys
 
 from napari_cellclip.cli import CELL_LINE_HELP, HelpFormatter, add_checkpoint_arg, add_data_args, add_run_args
 
+from .config import LOSSES
 from .loop import DEFAULT_OUTPUT, FIT_DEFAULTS
 
 D = FIT_DEFAULTS
@@ -62,7 +63,9 @@ def _fit_parser(sub) -> None:
                    help="text encoder: a transformers folder, or the bundled all-MiniLM-L6-v2")
     m.add_argument("--text-tuning", default=D["text_tuning"],
                    help="which text-encoder weights train: frozen | last:k (the last k layers) | full")
-    m.add_argument("--loss", default=D["loss"], choices=["cwcl", "clip", "siglip"], help="contrastive loss")
+    m.add_argument("--loss", default=D["loss"], choices=list(LOSSES),
+                   help="contrastive loss; cloob: Hopfield retrieval + InfoLOOB (Fürst et al. 2022), beta 14.3 "
+                        "as in CellCLIP")
     m.add_argument("--embed-dim", type=int, default=D["embed_dim"], help="width of the shared image-text space")
     m.add_argument("--vision-layers", type=int, default=D["vision_layers"],
                    help="transformer layers of the CrossChannelFormer")
@@ -127,15 +130,66 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"],
                    help="rescale channels by their plate's intensity percentiles or by each field's own")
     e.add_argument("--output", "-o", metavar="NPZ", help="also write the features and their fields to this .npz")
-    v = sub.add_parser("evaluate", help="cross-modal retrieval report of a checkpoint",
-                       description="Field- and well-level retrieval of a checkpoint on annotated plates.",
-                       formatter_class=HelpFormatter)
-    add_checkpoint_arg(v)
+    v = sub.add_parser("evaluate", help="retrieval and profiling (copairs mAP) report of a checkpoint "
+                                        "or of profile tables",
+                       description="Field- and well-level retrieval of a checkpoint on annotated plates, and "
+                                   "profiling mAP (copairs) of its embeddings, its input features or profile "
+                                   "tables.", formatter_class=HelpFormatter)
+    add_checkpoint_arg(v, required=False)
     _common(v, fit=False)
     v.add_argument("--correction", default="checkpoint", choices=["checkpoint", "none", "center_scale", "tvn"],
                    help="feature correction (default: the one recorded in the checkpoint)")
     v.add_argument("--report", "-o", dest="report", metavar="JSON", help="write the JSON report here")
+    _profiling_args(v)
+
+    pr = sub.add_parser("profiles", help="write per-field and per-well profiles (parquet, pycytominer convention)",
+                        description="Per-field and per-well profiles of plates (parquet, pycytominer's "
+                                    "Metadata_* convention).", formatter_class=HelpFormatter)
+    _common(pr, fit=False)
+    pr.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for fields.parquet + wells.parquet")
+    pr.add_argument("--checkpoint", help="checkpoint whose image embeddings (or corrected input features) to write")
+    pr.add_argument("--representation", choices=["embeddings", "features", "intensity"],
+                    help="embeddings (needs --checkpoint; the default with one), features (frozen channel "
+                         "features; the default without), intensity (the naive baseline's descriptors)")
+    pr.add_argument("--encoder", default=D["encoder"], help="frozen encoder for features without a checkpoint")
+    pr.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"])
+    pr.add_argument("--correction", choices=["checkpoint", "none", "center_scale", "tvn"],
+                    help="per-plate correction (default: the checkpoint's; without one, center_scale)")
+    pr.add_argument("--aggregate", default="median", choices=["median", "mean"],
+                    help="well profile = this of the field profiles (embeddings: the model's own pooling)")
     return p
+
+
+def _profiling_args(v: argparse.ArgumentParser) -> None:
+    g = v.add_argument_group("profiling metrics (copairs mAP; see README)")
+    g.add_argument("--metrics", metavar="LIST",
+                   help="comma list of retrieval, replicate, activity, consistency, sister, or all "
+                        "(default: all; without a checkpoint, all but retrieval)")
+    g.add_argument("--representations", default="embeddings,features", metavar="LIST",
+                   help="profiles of the checkpoint to judge: embeddings (its image embeddings), features "
+                        "(its frozen input features, corrected as it does), intensity (naive baseline)")
+    g.add_argument("--profiles", action="append", metavar="FILE",
+                   help="a profile table to judge too (parquet/CSV/TSV, Metadata_* + feature columns, e.g. "
+                        "CellProfiler well profiles); repeat for several")
+    g.add_argument("--profile-features", metavar="LIST|@FILE",
+                   help="feature columns of --profiles (default: every numeric non-Metadata column)")
+    g.add_argument("--level", default="well", choices=["well", "field"], help="profiles compared")
+    g.add_argument("--aggregate", default="median", choices=["median", "mean"],
+                   help="well profile of features and tables = this of the fields "
+                        "(embeddings: the model's multi-instance pooling)")
+    g.add_argument("--perturbation", action="append", metavar="COLUMN",
+                   help="column(s) naming a perturbation (default: broad_sample/JCP2022/pert_iname..., + dose)")
+    g.add_argument("--control", metavar="COLUMN=VALUE",
+                   help="negative controls (default: Metadata_control_type=negcon, is_control, DMSO)")
+    g.add_argument("--annotation", action="append", metavar="COLUMN",
+                   help="consistency annotation (default: Metadata_moa, Metadata_target where present)")
+    g.add_argument("--sister", action="append", metavar="[MODALITY=]TSV",
+                   help="compound–gene table (cpjump1_compound/crispr/orf_metadata.tsv shape); repeat")
+    g.add_argument("--query-plate", action="append", metavar="PLATE",
+                   help="replicate/activity queries from these plates only (e.g. a held-out plate)")
+    g.add_argument("--null-size", type=int, default=10000, help="copairs null-distribution size")
+    g.add_argument("--fdr", type=float, default=0.05, help="significance threshold on FDR-corrected p-values")
+    g.add_argument("--seed", type=int, default=0, help="seed of copairs' null distributions")
 
 
 def _fit(a) -> int:
@@ -172,16 +226,66 @@ def _extract(a) -> int:
     return 0
 
 
+def _profiling_kwargs(a) -> dict:
+    from .profiling import ProfilingOptions
+
+    feats = a.profile_features
+    if feats and feats.startswith("@"):
+        try:
+            feats = [x.strip() for x in open(feats[1:]).read().splitlines() if x.strip()]
+        except OSError as exc:
+            from napari_cellclip.errors import CellClipError
+
+            raise CellClipError(f"{feats[1:]}: cannot read the feature list ({exc.strerror})") from None
+    elif feats:
+        feats = [x.strip() for x in feats.split(",") if x.strip()]
+    opts = ProfilingOptions(perturbation=a.perturbation, control=a.control, annotations=a.annotation,
+                            sister=tuple(a.sister or ()), query_plates=a.query_plate, null_size=a.null_size,
+                            threshold=a.fdr, seed=a.seed)
+    return dict(options=opts, tables=a.profiles or (), table_features=feats or None, level=a.level,
+                aggregate=a.aggregate, required=a.metrics is not None)
+
+
 def _evaluate(a) -> int:
     from .loop import evaluate
+    from .profile_sources import table_report
+    from .profiling import format_profiling, parse_metrics
 
-    rep = evaluate(a.checkpoint, a.data, platemap=a.platemap, barcode_platemap=a.barcode_platemap,
-                   annotations=a.annotations, channel_map=a.channel_map, cell_line=a.cell_line,
-                   correction=a.correction, device=a.device, cache_dir=a.cache_dir,
-                   extract_batch_size=a.batch_size, workers=a.workers,
-                   output=a.report, quiet=a.quiet, no_progress=a.no_progress)
+    metrics = parse_metrics(a.metrics or ("all" if a.checkpoint else "replicate,activity,consistency,sister"))
+    prof = _profiling_kwargs(a)
+    if a.checkpoint:
+        prof["representations"] = [r.strip() for r in a.representations.split(",") if r.strip()]
+        rep = evaluate(a.checkpoint, a.data, platemap=a.platemap, barcode_platemap=a.barcode_platemap,
+                       annotations=a.annotations, channel_map=a.channel_map, cell_line=a.cell_line,
+                       correction=a.correction, device=a.device, cache_dir=a.cache_dir,
+                       extract_batch_size=a.batch_size, workers=a.workers,
+                       output=a.report, quiet=a.quiet, no_progress=a.no_progress, metrics=metrics,
+                       profiling=prof)
+    else:
+        from .evaluate import write_report
+
+        rep = {"profiling": table_report(prof.pop("tables"), metrics, **prof)}
+        if a.report:
+            write_report(rep, a.report)
+        if not a.quiet:
+            print(format_profiling(rep["profiling"]), file=sys.stderr)
     if not a.report and not a.quiet:
         print(json.dumps(rep, indent=2, default=str))
+    return 0
+
+
+def _profiles(a) -> int:
+    from .profile_sources import export_profiles
+
+    load = dict(platemap=a.platemap, barcode_platemap=a.barcode_platemap, annotations=a.annotations,
+                channel_map=a.channel_map, cell_line=a.cell_line)
+    run = dict(device=a.device, cache_dir=a.cache_dir, extract_batch_size=a.batch_size,
+               workers=a.workers, quiet=a.quiet, no_progress=a.no_progress)
+    out = export_profiles(a.output, a.data, checkpoint=a.checkpoint, representation=a.representation,
+                          encoder=a.encoder, normalization=a.normalization, correction=a.correction,
+                          aggregate=a.aggregate, load=load, run=run)
+    if not a.quiet:
+        print(json.dumps(out, indent=2, default=str))
     return 0
 
 
@@ -190,7 +294,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"fit": _fit, "extract": _extract, "evaluate": _evaluate}[args.command](args)
+        return {"fit": _fit, "extract": _extract, "evaluate": _evaluate,
+                "profiles": _profiles}[args.command](args)
     except CellClipError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,12 +6,12 @@ import dataclasses
 from dataclasses import dataclass
 
 from napari_cellclip.errors import CellClipError
+from napari_cellclip.losses import LOSSES
 
 __all__ = ["FitConfig", "FIT_DEFAULTS", "DEFAULT_OUTPUT", "PRECISIONS", "LOSSES"]
 
 DEFAULT_OUTPUT = "checkpoints/cellclip-lincs-sample"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-LOSSES = ("cwcl", "clip", "siglip")
 #: old keyword names fit() still takes
 _ALIASES = {"num_workers": "workers"}
 
@@ -80,7 +80,7 @@ class FitConfig:
         if self.precision not in PRECISIONS:
             raise CellClipError(f"unknown precision {self.precision!r}; choose auto, fp32, bf16 or fp16")
         if self.loss not in LOSSES:
-            raise CellClipError(f"unknown loss {self.loss!r}; choose cwcl, clip or siglip")
+            raise CellClipError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         self.normalization = check_normalization(self.normalization)
         if self.batching not in BATCHINGS:
             raise CellClipError(f"unknown batching {self.batching!r}; choose {' or '.join(BATCHINGS)}")

@@ -16,6 +16,7 @@ Recall@k = fraction of queries whose rank ≤ k; mean rank is 1-based.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -138,25 +139,42 @@ def _json_default(o):
 
 def format_report(report: dict) -> str:
     lines = []
-    for lvl in ("field", "well"):
+    for lvl in [lvl for lvl in ("field", "well") if lvl in report]:
         r = report[lvl]
         i2t, t2i = r["image_to_text"], r["text_to_image"]
         lines.append(
             f"{lvl:>5}: image→text R@1 {i2t['R@1']:.3f} R@5 {i2t['R@5']:.3f} mean rank {i2t['mean_rank']:.2f}"
             f" (n={i2t['n_queries']}) | text→image R@1 {t2i['R@1']:.3f} R@5 {t2i['R@5']:.3f}"
             f" mean rank {t2i['mean_rank']:.2f} (n={t2i['n_queries']})")
+    if "profiling" in report:
+        from .profiling import format_profiling
+
+        lines.append(format_profiling(report["profiling"]))
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
-                        channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
-                        extract_batch_size=8, workers=0, output=None, quiet=False, no_progress=False) -> dict:
-    """Retrieval report of a checkpoint on a data set: the checkpoint's encoder and input
-    normalisation, its stain order and prompt form (:func:`napari_cellclip.embed.fields_for_model`),
-    its correction (or ``correction``), wells as the store pools them; the run folder ``fit``
-    printed, its ``model/`` or a ``checkpoints/checkpoint-N`` are all accepted."""
-    import sys
+@dataclasses.dataclass
+class EvaluationData:
+    """What judging a checkpoint on plates needs: the model, the plates' corrected frozen features
+    (rows aligned with ``fields``), their well bags and how they were made."""
 
+    model: object
+    checkpoint: Path
+    device: object
+    features: np.ndarray
+    fields: object
+    encoder: object
+    correction: dict | None
+    wells: object
+
+
+def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
+                    channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
+                    extract_batch_size=8, workers=0, quiet=False, no_progress=False) -> EvaluationData:
+    """The checkpoint (the run folder ``fit`` printed, its ``model/`` or a ``checkpoints/checkpoint-N``)
+    and the plates as it sees them: its stain order and prompt form
+    (:func:`napari_cellclip.embed.fields_for_model`), its encoder and input normalisation, its
+    correction (or ``correction``), wells as the store pools them."""
     from napari_cellclip import correction as corr
     from napari_cellclip.checkpoints import load_model, resolve_checkpoint
     from napari_cellclip.embed import fields_for_model
@@ -165,28 +183,56 @@ def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platema
     from .distributed import Dist, resolve_train_device
     from .prepare import extract
 
-    t0 = time.perf_counter()
     ck = resolve_checkpoint(checkpoint)
     dev = resolve_train_device(device, Dist())
     model = load_model(ck, device=dev)
     fields = fields_for_model(read_training_fields(data, platemap=platemap, barcode_platemap=barcode_platemap,
                                                    annotations=annotations, channel_map=channel_map,
                                                    cell_line=cell_line), model)
-    feats, fields, _ = extract(fields, model.config.image_encoder or "morphology",
-                               normalization=getattr(model.config, "input_normalization", "field"), device=str(dev),
-                               cache_dir=cache_dir, batch_size=extract_batch_size, workers=workers,
-                               progress=not no_progress, quiet=quiet)
+    feats, fields, enc = extract(fields, model.config.image_encoder or "morphology",
+                                 normalization=getattr(model.config, "input_normalization", "field"),
+                                 device=str(dev), cache_dir=cache_dir, batch_size=extract_batch_size,
+                                 workers=workers, progress=not no_progress, quiet=quiet)
     if correction == "checkpoint":
         spec = corr.spec_for_model(model, ck)
     else:
         spec = corr.make_spec(correction)
         if spec and spec["method"] == "tvn":
             spec = corr.fit(feats, fields, spec)
-    rep = evaluate_bags(model, build_well_bags(corr.apply(feats, fields, spec), fields), device=dev,
-                        correction_spec=spec, extra={"checkpoint": str(ck)})
+    feats = corr.apply(feats, fields, spec)
+    return EvaluationData(model, ck, dev, feats, fields, enc, spec, build_well_bags(feats, fields))
+
+
+def evaluate_checkpoint(checkpoint, data=None, *, output=None, metrics=("retrieval",), profiling=None,
+                        **load) -> dict:
+    """Report of a checkpoint on a data set (:func:`load_evaluation` takes ``load``).
+
+    ``metrics``: "retrieval" (cross-modal R@k) and/or the copairs profiling metrics of
+    :mod:`training.profiling` ("replicate", "activity", "consistency", "sister"), whose options
+    ``profiling`` holds (:func:`training.profile_sources.model_report`'s keywords).
+    """
+    import sys
+
+    import torch
+
+    from napari_cellclip import correction as corr
+
+    t0 = time.perf_counter()
+    ev = load_evaluation(checkpoint, data, **load)
+    with torch.no_grad():
+        if "retrieval" in metrics:
+            rep = evaluate_bags(ev.model, ev.wells, device=ev.device, correction_spec=ev.correction,
+                                extra={"checkpoint": str(ev.checkpoint)})
+        else:
+            rep = {"checkpoint": str(ev.checkpoint), "plates": sorted(set(ev.wells.wells["plate"])),
+                   "n_wells": len(ev.wells), "feature_correction": corr.to_json(ev.correction)}
+        if any(m != "retrieval" for m in metrics):
+            from .profile_sources import model_report
+
+            rep["profiling"] = model_report(ev, metrics, **(profiling or {}))
     rep["seconds"] = round(time.perf_counter() - t0, 2)
     if output:
         write_report(rep, output)
-    if not quiet:
+    if not load.get("quiet"):
         print(format_report(rep), file=sys.stderr)
     return rep

@@ -141,8 +141,10 @@ class CellCLIPConfig:
                 f"text_pooling must be auto|pooler|mean|cls, got {self.text_pooling!r}"
             )
         _parse_tuning(self.text_tuning)
-        if self.loss not in ("cwcl", "clip", "siglip"):
-            raise CheckpointError(f"loss must be cwcl|clip|siglip, got {self.loss!r}")
+        from .losses import LOSSES
+
+        if self.loss not in LOSSES:
+            raise CheckpointError(f"loss must be {'|'.join(LOSSES)}, got {self.loss!r}")
         if self.input_normalization not in ("field", "plate"):
             raise CheckpointError(f"input_normalization must be field|plate, got {self.input_normalization!r}")
         if self.stains is None:

@@ -50,6 +50,7 @@ __all__ = [
     "cache_key",
     "l2_normalize",
     "metadata_columns",
+    "well_groups",
     "FORMAT_NAME",
     "FORMAT_VERSION",
 ]
@@ -396,6 +397,8 @@ def remove_store(folder) -> None:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
 def cache_key(fields: pd.DataFrame, model_id: str) -> str:
     """A key for reusing a plate's embeddings from disk: data identity + model identity.
 

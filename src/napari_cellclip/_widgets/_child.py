@@ -186,6 +186,14 @@ def map_2d(child: _Child, X, method: str, random_state: int):
     return embed_2d(X, method=method, random_state=random_state), used
 
 
+@_task
+def export_profiles(child: _Child, store: dict, folder: str) -> dict:
+    """Write a store's field and well profiles (pycytominer convention) → their paths."""
+    from ..profiles import write_store_profiles
+
+    return {k: str(v) for k, v in write_store_profiles(child.store(store), folder).items()}
+
+
 # ---------------------------------------------------------------------- warming
 def _warm(child: _Child) -> None:
     """Import (and for maps, compile) what the jobs of this kind need, saying what is happening."""

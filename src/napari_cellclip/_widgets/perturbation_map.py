@@ -369,6 +369,9 @@ class PerturbationMapWidget(QWidget):
         lay.addWidget(self.legend)
         self.export_btn = QPushButton("Export embeddings + map to parquet…")
         lay.addWidget(self.export_btn)
+        self.profiles_btn = QPushButton("Export profiles (pycytominer)…")
+        self.profiles_btn.setToolTip("fields.parquet + wells.parquet: Metadata_* + Image_CellCLIP_* columns")
+        lay.addWidget(self.profiles_btn)
 
     def _connect(self) -> None:
         self.compute_btn.clicked.connect(self.compute)
@@ -376,6 +379,7 @@ class PerturbationMapWidget(QWidget):
         self.color_combo.currentIndexChanged.connect(self._recolor)
         self.view.selection_made.connect(self._on_points_selected)
         self.export_btn.clicked.connect(self._export_dialog)
+        self.profiles_btn.clicked.connect(self._profiles_dialog)
         self._engine.status_changed.connect(self._on_engine_status)
         ev = self.state.events
         ev.store.connect(self._on_store)
@@ -411,6 +415,7 @@ class PerturbationMapWidget(QWidget):
         st = self.state.store
         self.compute_btn.setEnabled(st is not None)
         self.export_btn.setEnabled(st is not None)
+        self.profiles_btn.setEnabled(st is not None)
         if st is None:
             return
         self._fill_color_combo(st.fields)
@@ -688,6 +693,22 @@ class PerturbationMapWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Export map", "cellclip_map.parquet", "Parquet (*.parquet)")
         if path:
             self.export_parquet(path)
+
+    def export_profiles(self, folder) -> Job | None:
+        """Write the embedded plate's field and well profiles into ``folder`` in the background
+        (:func:`napari_cellclip.profiles.write_store_profiles`, where the store lives)."""
+        st = self.state.store
+        if st is None:
+            _notify.error("Nothing is embedded yet: press 'Embed plate' in the Search widget first")
+            return None
+        return submit("model", "export_profiles", {"store": engine("model").store_spec(st), "folder": str(folder)},
+                      name="CellCLIP: export profiles",
+                      on_returned=lambda paths: _notify.info(f"Wrote {', '.join(paths.values())}"))
+
+    def _profiles_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export profiles into folder")
+        if folder:
+            self.export_profiles(folder)
 
 
 def _html(s: str) -> str:
