@@ -242,3 +242,25 @@ def test_training_fits_and_evaluates_on_cells_features(sample_features, tmp_path
     run_job(two, summary["model"], tmp_path / "job", quiet=True)
     job = EmbeddingStore.load(tmp_path / "job")
     assert job.embeddings.shape[0] == 2 and np.isfinite(job.embeddings).all()
+
+
+def test_concatenated_encoder_joins_the_parts_batches_and_skips_what_a_part_cannot_read(tmp_path):
+    """The engine takes a concatenated encoder part by part; a field a part cannot read is skipped
+    (named), the others are joined per channel and cached under each part's identity."""
+    from napari_cellclip.features import extract_features
+    from napari_cellclip.sample import load_sample_fields
+
+    fields = load_sample_fields().iloc[:4].reset_index(drop=True)
+    fields.loc[1, "FileName_OrigRNA"] = "no-such-file.png"
+    enc = get_encoder("morphology+morphology")
+    with pytest.warns(CellClipWarning, match="no-such-file"):
+        res = extract_features(fields, enc, cache_dir=tmp_path, batch_size=3)
+    assert res.index.tolist() == [0, 2, 3] and [p for p, _ in res.skipped] == [1]
+    assert res.features.shape == (3, 5, 256) and res.n_encoded == 3
+    np.testing.assert_array_equal(res.features[..., :128], res.features[..., 128:])
+    alone = extract_features(fields.iloc[[0, 2, 3]].reset_index(drop=True), "morphology", cache_dir=tmp_path)
+    assert alone.n_cached == 3  # the part's own cache entries
+    np.testing.assert_array_equal(alone.features, res.features[..., :128])
+    with pytest.warns(CellClipWarning):
+        again = extract_features(fields, enc, cache_dir=tmp_path, batch_size=3)
+    assert again.n_cached == 3 and again.n_encoded == 0

@@ -381,11 +381,11 @@ def _iter_parts(fields, parts, kw: dict) -> Iterator[FeatureBatch]:
             errors = {pos: (msg, path) for fb in fbs for pos, msg, path in fb.errors}
             rows = [dict(zip(fb.positions.tolist(), range(len(fb.positions)))) for fb in fbs]
             keep = [p for p in fbs[0].positions.tolist() if p not in errors and all(p in r for r in rows)]
-            feats = [fb.features[[r[p] for p in keep]] for fb, r in zip(fbs, rows)]
             cached = set.intersection(*(set(fb.positions[:fb.n_cached].tolist()) for fb in fbs))
+            keep.sort(key=lambda p: p not in cached)  # rows cached in every part first, as in any batch
             n_cached = sum(p in cached for p in keep)
-            out = np.concatenate(feats, axis=-1) if keep else \
-                np.zeros((0, len(kw["stains"]), sum(f.shape[-1] for f in feats)), np.float32)
+            feats = [fb.features[[r[p] for p in keep]] for fb, r in zip(fbs, rows)]
+            out = np.concatenate(feats, axis=-1)  # (0, C, D1 + D2 ...) when no row is kept
             yield FeatureBatch(np.asarray(keep, np.int64), np.ascontiguousarray(out, dtype=np.float32),
                                [(p, m, path) for p, (m, path) in sorted(errors.items())], n_cached,
                                len(keep) - n_cached)
