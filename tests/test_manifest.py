@@ -14,7 +14,7 @@ def test_manifest_is_installed_and_valid():
     assert pm.name == "napari-cellclip"
     pm.validate_imports()  # every command's python_name resolves
     contrib = pm.contributions
-    assert {w.display_name for w in contrib.widgets} == {"Search", "Perturbation map"}
+    assert {w.display_name for w in contrib.widgets} == {"Search", "Perturbation map", "Cell segmentation"}
     assert contrib.readers and contrib.sample_data
     # the repository's top-level napari.yaml is the packaged manifest
     top = Path(__file__).resolve().parents[1] / "napari.yaml"
@@ -24,7 +24,9 @@ def test_manifest_is_installed_and_valid():
 def test_importing_the_plugin_does_not_import_heavy_libraries():
     code = (
         "import sys, napari_cellclip, napari_cellclip._widgets.search, napari_cellclip._widgets.perturbation_map, "
-        "napari_cellclip._reader, napari_cellclip.plates, napari_cellclip.store, napari_cellclip.search\n"
+        "napari_cellclip._reader, napari_cellclip.plates, napari_cellclip.store, napari_cellclip.search, "
+        "napari_cellclip._widgets._segmentation, napari_cellclip.segmentation, napari_cellclip.cellfeatures, "
+        "napari_cellclip.celltable\n"
         "heavy = [m for m in ('torch', 'transformers', 'umap', 'faiss') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

@@ -27,6 +27,8 @@ D = FIT_DEFAULTS
 FIT_CELL_LINE_HELP = "cell line named in the prompts of plates annotated with --platemap (default: A549)"
 EXTRACT_BATCH_HELP = "fields per encoder forward while extracting features"
 WORKERS_HELP = "worker processes decoding images for feature extraction (0: decode in this process)"
+ENCODER_SPECS = "morphology | cells[:cell=AGP,...] | hf:<id or dir> | a+b (e.g. morphology+cells)"
+ENCODER_HELP = f"frozen channel encoder: {ENCODER_SPECS}"
 
 
 def _common(p: argparse.ArgumentParser, *, fit: bool, cell_line_help: str = CELL_LINE_HELP) -> None:
@@ -53,7 +55,7 @@ def _fit_parser(sub) -> None:
     f.add_argument("--output", "-o", default=DEFAULT_OUTPUT, metavar="DIR",
                    help="run folder: checkpoints/, the final model/, metrics.jsonl")
     m = f.add_argument_group("model")
-    m.add_argument("--encoder", default=D["encoder"], help="frozen channel encoder: morphology | hf:<id or dir>")
+    m.add_argument("--encoder", default=D["encoder"], help=ENCODER_HELP)
     m.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"],
                    help="rescale channels by their plate's intensity percentiles (keeps intensity "
                         "differences between wells) or by each field's own; recorded in the checkpoint")
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extract and cache the frozen per-channel features of plates.",
                        formatter_class=HelpFormatter)
     _common(e, fit=False, cell_line_help="cell line named in the prompts of plates annotated with --platemap")
-    e.add_argument("--encoder", default=D["encoder"], help="frozen channel encoder: morphology | hf:<id or dir>")
+    e.add_argument("--encoder", default=D["encoder"], help=ENCODER_HELP)
     e.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"],
                    help="rescale channels by their plate's intensity percentiles or by each field's own")
     e.add_argument("--output", "-o", metavar="NPZ", help="also write the features and their fields to this .npz")
@@ -149,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--representation", choices=["embeddings", "features", "intensity"],
                     help="embeddings (needs --checkpoint; the default with one), features (frozen channel "
                          "features; the default without), intensity (the naive baseline's descriptors)")
-    pr.add_argument("--encoder", default=D["encoder"], help="frozen encoder for features without a checkpoint")
+    pr.add_argument("--encoder", default=D["encoder"],
+                    help=f"frozen encoder for features without a checkpoint: {ENCODER_SPECS}")
     pr.add_argument("--normalization", default=D["normalization"], choices=["plate", "field"])
     pr.add_argument("--correction", choices=["checkpoint", "none", "center_scale", "tvn"],
                     help="per-plate correction (default: the checkpoint's; without one, center_scale)")

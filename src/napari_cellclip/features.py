@@ -8,7 +8,9 @@ encoder's picklable preparation (``encoder.field_prep``: rescale to [0, 1] by th
 percentiles or its plate's range, keep the region the encoder sees); the main process puts each
 batch through ``encoder.encode`` on the device (from pinned memory on CUDA), writes new cache
 entries and yields a :class:`FeatureBatch`.  :func:`extract_features` collects it into a
-``(N_ok, C, D)`` array with progress and cancel.
+``(N_ok, C, D)`` array with progress and cancel.  A concatenated encoder (``"morphology+cells"``,
+:mod:`napari_cellclip.encoders.concat`) takes this road once per part, over the same batches,
+each part under its own cache identity, and the parts' features are joined per channel.
 
 Cache layout (``default_cache_dir()`` unless ``cache_dir`` is given)::
 
@@ -72,7 +74,8 @@ class FeatureResult:
 class FeatureBatch:
     """One batch of :func:`iter_features`: ``features`` (n, C, D) float32 of the table rows
     ``positions`` (n,), ``errors`` ``[(position, message, path or None)]`` of the batch's rows
-    that could not be read, and how many rows came from the cache / were encoded now."""
+    that could not be read, and how many rows came from the cache / were encoded now (the first
+    ``n_cached`` positions are the cached rows)."""
 
     positions: np.ndarray
     features: np.ndarray
@@ -339,16 +342,21 @@ def iter_features(fields, encoder, *, stains: Sequence[str] | None = None, cache
 
     encoder = _as_encoder(encoder)
     stains = _stains_of(fields, stains)
-    shape = (len(stains), int(encoder.dim))
-    cache = FeatureCache(cache_dir, encoder) if use_cache else None
     if check_normalization(normalization) == "plate" and ranges is None:
         ranges = plate_ranges(fields, stains, cache_dir, use_cache=use_cache, low=low, high=high)
-    prep = encoder.field_prep(stains, low=low, high=high)
-    row_ranges = field_ranges(fields, stains, normalization, low, high, ranges=ranges)
-    dataset = FieldSource(_records(fields, stains), stains, prep, row_ranges, cache, shape, low, high)
     if batches is None:
         step = max(1, int(batch_size))
         batches = [list(range(a, min(a + step, len(fields)))) for a in range(0, len(fields), step)]
+    if getattr(encoder, "parts", None):  # "morphology+cells": each part through this road, under its own cache
+        yield from _iter_parts(fields, encoder.parts, dict(
+            stains=stains, cache_dir=cache_dir, use_cache=use_cache, num_workers=num_workers,
+            normalization=normalization, ranges=ranges, batches=batches, prefetch=prefetch, low=low, high=high))
+        return
+    shape = (len(stains), int(encoder.dim))
+    cache = FeatureCache(cache_dir, encoder) if use_cache else None
+    prep = encoder.field_prep(stains, low=low, high=high)
+    row_ranges = field_ranges(fields, stains, normalization, low, high, ranges=ranges)
+    dataset = FieldSource(_records(fields, stains), stains, prep, row_ranges, cache, shape, low, high)
     workers = max(0, int(num_workers))
     device = getattr(encoder, "device", None)
     loader = torch.utils.data.DataLoader(
@@ -361,6 +369,29 @@ def iter_features(fields, encoder, *, stains: Sequence[str] | None = None, cache
             yield _encode(batch, encoder, cache, shape)
     finally:
         del it
+
+
+def _iter_parts(fields, parts, kw: dict) -> Iterator[FeatureBatch]:
+    """Batches of a concatenated encoder: the parts' batches (same rows, each part read from and
+    written to its own cache, so ``cells`` features measured once serve ``cells`` and
+    ``morphology+cells``) joined per channel; a row any part could not read is an error of the join."""
+    streams = [iter_features(fields, part, **kw) for part in parts]
+    try:
+        for fbs in zip(*streams):
+            errors = {pos: (msg, path) for fb in fbs for pos, msg, path in fb.errors}
+            rows = [dict(zip(fb.positions.tolist(), range(len(fb.positions)))) for fb in fbs]
+            keep = [p for p in fbs[0].positions.tolist() if p not in errors and all(p in r for r in rows)]
+            cached = set.intersection(*(set(fb.positions[:fb.n_cached].tolist()) for fb in fbs))
+            keep.sort(key=lambda p: p not in cached)  # rows cached in every part first, as in any batch
+            n_cached = sum(p in cached for p in keep)
+            feats = [fb.features[[r[p] for p in keep]] for fb, r in zip(fbs, rows)]
+            out = np.concatenate(feats, axis=-1)  # (0, C, D1 + D2 ...) when no row is kept
+            yield FeatureBatch(np.asarray(keep, np.int64), np.ascontiguousarray(out, dtype=np.float32),
+                               [(p, m, path) for p, (m, path) in sorted(errors.items())], n_cached,
+                               len(keep) - n_cached)
+    finally:
+        for s in streams:
+            s.close()
 
 
 def extract_features(

@@ -2,7 +2,8 @@
 
 :mod:`._workers` starts one such process per kind of work (``"model"``: checkpoint
 loading, plate embedding, text queries, zero-shot, the hit gallery; ``"map"``: 2-D
-maps) with the ``spawn`` start method and talks to it over a pipe.  Running torch,
+maps; ``"cells"``: segmentation masks and per-cell tables) with the ``spawn`` start
+method and talks to it over a pipe.  Running torch,
 the image decoders and numba in another process keeps napari's event loop free even
 when they hold the GIL for seconds (imports, UMAP's compilation) or the CPU is busy,
 gives a real cancel (the process is terminated when a polite cancel is not heeded)
@@ -161,6 +162,23 @@ def gallery(child: _Child, fields, stains, luts, size: int):
 
 
 @_task
+def segment(child: _Child, row: dict, stains, nuclei_stain: str, cell_stain: str):
+    """Nuclei and cell masks of one field, as Labels layer data."""
+    from ._masks import segmentation_layer_data
+
+    return segmentation_layer_data(row, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain)
+
+
+@_task
+def cell_table(child: _Child, fields, path: str, nuclei_stain: str, cell_stain: str) -> dict:
+    """One row per cell of every field of ``fields`` written to ``path`` → the export's summary."""
+    from ..celltable import export_cell_table
+
+    return export_cell_table(fields, path, nuclei_stain=nuclei_stain, cell_stain=cell_stain,
+                             progress=child.progress, should_stop=child.should_stop)
+
+
+@_task
 def map_2d(child: _Child, X, method: str, random_state: int):
     from ..reduce import MIN_UMAP_POINTS, embed_2d
 
@@ -188,6 +206,9 @@ def _warm(child: _Child) -> None:
 
             child.status("compiling UMAP (first map of this session only, about a minute)…")
             embed_2d(np.random.default_rng(0).normal(size=(_WARM_MAP_POINTS, 8)).astype("float32"), method="umap")
+        elif child.kind == "cells":
+            child.status("loading scikit-image and cp-measure…")
+            from .. import celltable, segmentation  # noqa: F401
         else:
             child.status("loading torch…")
             import torch  # noqa: F401

@@ -2,7 +2,7 @@
 
 A job is one call into the core, named by a task of :mod:`._child` (``"embed"``,
 ``"text_query"``, ``"map_2d"`` …).  :func:`submit` queues it on the :class:`Engine` of
-its kind (``"model"`` or ``"map"``): a child process started with ``spawn`` that runs
+its kind (``"model"``, ``"map"`` or ``"cells"``): a child process started with ``spawn`` that runs
 its jobs one at a time.  Nothing heavy runs in napari's process, so its event loop
 keeps turning whatever the job does with the GIL or the CPU.
 
@@ -40,7 +40,7 @@ _log = logging.getLogger(__name__)
 
 #: how long a job has to stop by itself after Cancel before its process is terminated
 CANCEL_GRACE_MS = 1500
-KINDS = ("model", "map")
+KINDS = ("model", "map", "cells")
 _IDS = itertools.count(1)
 
 
@@ -454,7 +454,7 @@ _ENGINES: dict[str, Engine] = {}
 
 
 def engine(kind: str) -> Engine:
-    """The process-wide :class:`Engine` of ``kind`` (``"model"`` or ``"map"``), started and warming."""
+    """The process-wide :class:`Engine` of ``kind`` (``"model"``, ``"map"`` or ``"cells"``), started and warming."""
     if kind not in KINDS:
         raise ValueError(f"unknown engine kind {kind!r}")
     eng = _ENGINES.get(kind)
