@@ -223,7 +223,7 @@ def average_precision(meta: pd.DataFrame, x: np.ndarray, pos_sameby, pos_diffby,
 def mean_average_precision(ap: pd.DataFrame, group: str, options: ProfilingOptions) -> dict:
     """copairs' mAP per ``group`` value, its p-value and FDR-corrected p-value, and a summary.
 
-    ``p_value`` counts the null mAPs *at or above* the observed one (as copairs >= 0.6 does);
+    ``p_value`` counts the null mAPs *at or above* the observed one;
     copairs 0.5 counts only those strictly above (kept as ``p_value_strict``), which gives a
     perfect ranking p = 1/(null_size + 1) however often chance ranks perfectly: with 2 positives
     among 8 it does 1 time in 28.  Significance uses the tie-inclusive p-values, BH-corrected
