@@ -150,7 +150,7 @@ def format_report(report: dict) -> str:
 
 def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
                         channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
-                        extract_batch_size=8, workers=0, output=None, quiet=False, no_progress=False) -> dict:
+                        extract_batch_size=8, workers=None, output=None, quiet=False, no_progress=False) -> dict:
     """Retrieval report of a checkpoint on a data set: the checkpoint's encoder and input
     normalisation, its stain order and prompt form (:func:`napari_cellclip.embed.fields_for_model`),
     its correction (or ``correction``), wells as the store pools them; the run folder ``fit``
