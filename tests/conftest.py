@@ -251,3 +251,20 @@ def sample_plate_copies(tmp_path):
         return plates
 
     return make
+# ----------------------------------------------------------------------------- GPU-only tests
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one; run by benchmarks/gpu_check.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in marked:
+        item.add_marker(skip)
+

@@ -42,7 +42,7 @@ def test_cuda_without_index_is_the_current_device(fake_cuda):
 
 
 def test_use_device_sets_a_concrete_index(fake_cuda):
-    use_device(resolve_device("cuda"), tf32=False)
+    use_device(resolve_device("cuda"))
     assert fake_cuda == [1]
     with pytest.raises(ValueError):  # what the job did before: set_device(torch.device("cuda"))
         torch.cuda.set_device(torch.device("cuda"))

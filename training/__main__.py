@@ -26,7 +26,8 @@ D = FIT_DEFAULTS
 
 FIT_CELL_LINE_HELP = "cell line named in the prompts of plates annotated with --platemap (default: A549)"
 EXTRACT_BATCH_HELP = "fields per encoder forward while extracting features"
-WORKERS_HELP = "worker processes decoding images for feature extraction (0: decode in this process)"
+WORKERS_HELP = ("worker processes decoding images for feature extraction (0: decode in this process; default: "
+                "on a GPU half the CPU cores shared among the node's torchrun processes, at most 8; on a CPU 0)")
 ENCODER_SPECS = "morphology | cells[:cell=AGP,...] | hf:<id or dir> | a+b (e.g. morphology+cells)"
 ENCODER_HELP = f"frozen channel encoder: {ENCODER_SPECS}"
 
@@ -109,6 +110,9 @@ def _optimisation_args(f) -> None:
     o.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="max gradient norm (0: off)")
     o.add_argument("--precision", default=D["precision"], choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto: bf16 on CUDA, fp32 elsewhere (default)")
+    o.add_argument("--dist-timeout", type=float, default=D["dist_timeout"], metavar="MINUTES",
+                   help="under torchrun: how long a rank may wait for the others (feature extraction, "
+                        "validation, checkpoints) before the run is aborted")
     o.add_argument("--seed", type=int, default=D["seed"], help="seed of the model, the batches and the augmentation")
     o.add_argument("--bag-min-fields", type=int, default=D["bag_min_fields"],
                    help="augmentation: each step a well's bag is a random subset of at least this many of "

@@ -30,7 +30,7 @@ class FitConfig:
     val_plate: list | None = None
     cache_dir: str | None = None
     extract_batch_size: int = 8
-    workers: int = 0
+    workers: int | None = None  # None: prepare.extract_workers decides
     features_mmap: bool = True
     # model
     output: str = DEFAULT_OUTPUT
@@ -58,6 +58,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    dist_timeout: float = 60.0  # minutes a torchrun collective may wait for the slowest rank
     bag_min_fields: int = 1
     bag_max_fields: int | None = None
     betas: tuple = (0.9, 0.98)
@@ -84,6 +85,8 @@ class FitConfig:
         self.normalization = check_normalization(self.normalization)
         if self.batching not in BATCHINGS:
             raise CellClipError(f"unknown batching {self.batching!r}; choose {' or '.join(BATCHINGS)}")
+        if not float(self.dist_timeout) > 0:
+            raise CellClipError(f"--dist-timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise CellClipError("--epochs and --batch-size must be at least 1")
         if isinstance(self.val_plate, str):

@@ -23,13 +23,19 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def init(self, device) -> None:
+    def init(self, device, timeout_minutes: float = 60.0) -> None:
+        """Join the process group (NCCL on CUDA, gloo elsewhere); every collective, barriers included,
+        may wait ``timeout_minutes`` for the slowest rank (NCCL's own default, 10 minutes, is shorter
+        than one rank's share of a giant encoder's feature extraction can take)."""
         if not self.enabled:
             return
+        import datetime
+
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=float(timeout_minutes)))
             self.initialised_here = True
 
     def barrier(self) -> None:

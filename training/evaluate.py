@@ -170,7 +170,7 @@ class EvaluationData:
 
 def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
                     channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
-                    extract_batch_size=8, workers=0, quiet=False, no_progress=False) -> EvaluationData:
+                    extract_batch_size=8, workers=None, quiet=False, no_progress=False) -> EvaluationData:
     """The checkpoint (the run folder ``fit`` printed, its ``model/`` or a ``checkpoints/checkpoint-N``)
     and the plates as it sees them: its stain order and prompt form
     (:func:`napari_cellclip.embed.fields_for_model`), its encoder and input normalisation, its

@@ -23,8 +23,9 @@ __all__ = ["TrainingData", "extract", "prepare"]
 
 
 def extract(fields, encoder_spec="morphology", *, normalization="field", device="auto", cache_dir=None,
-            batch_size=8, workers=0, progress=True, quiet=False):
-    """Frozen features of every field (cached) → (features (N, C, D), fields of the rows kept, encoder)."""
+            batch_size=8, workers=None, progress=True, quiet=False):
+    """Frozen features of every field (cached) → (features (N, C, D), fields of the rows kept, encoder);
+    ``workers``: see :func:`extract_workers`."""
     from napari_cellclip.encoders import get_encoder
     from napari_cellclip.features import extract_features
     from napari_cellclip.plates import stains as stains_of
@@ -41,7 +42,8 @@ def extract(fields, encoder_spec="morphology", *, normalization="field", device=
             bar.refresh()
     try:
         res = extract_features(fields, encoder, stains=stains_of(fields), cache_dir=cache_dir,
-                               normalization=normalization, batch_size=batch_size, num_workers=workers, progress=cb)
+                               normalization=normalization, batch_size=batch_size,
+                               num_workers=extract_workers(workers, encoder.device), progress=cb)
     finally:
         if bar is not None:
             bar.close()
@@ -90,17 +92,59 @@ def _read(cfg):
     return fields
 
 
+def _fill_cache_share(cfg, fields, dist, encoder) -> None:
+    """This rank's share of the fields (rows r, r+W, …) encoded into the feature cache.
+
+    Plate ranges (plate normalisation) come from the whole table, so every rank's cache keys are
+    the ones the full pass looks up; unreadable fields are reported by the full pass, not here.
+    """
+    import warnings
+
+    from napari_cellclip.errors import CellClipWarning
+    from napari_cellclip.features import iter_features
+    from napari_cellclip.plates import stains as stains_of
+
+    mine = np.arange(dist.rank, len(fields), dist.world)
+    step = max(1, int(cfg.extract_batch_size))
+    batches = [mine[a:a + step].tolist() for a in range(0, len(mine), step)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CellClipWarning)
+        for _ in iter_features(fields, encoder, stains=stains_of(fields), cache_dir=cfg.cache_dir,
+                               batch_size=step, num_workers=extract_workers(cfg.workers, encoder.device),
+                               normalization=cfg.normalization, batches=batches):
+            pass
+
+
+def extract_workers(workers, device) -> int:
+    """Decoding workers: ``workers`` as given; None: on a GPU half the CPU cores shared among the
+    node's torchrun processes (at most 8), on a CPU none (the encoder needs the cores)."""
+    from napari_cellclip.devices import default_workers
+
+    if workers is not None:
+        return max(0, int(workers))
+    return default_workers() if getattr(device, "type", "cpu") == "cuda" else 0
+
+
 def _features(cfg, fields, dist, device):
-    """Features of every field; rank 0 fills the cache first, the others then read it."""
-    if dist.enabled and not dist.main:
+    """Features of every field.  Under torchrun every rank first encodes its own share into the
+    feature cache (all GPUs work; none waits for another's whole extraction), then, after a
+    barrier, reads every field from the cache (a rank whose cache folder is not shared encodes
+    what it lacks).  The frozen encoder is dropped and its GPU memory freed before training."""
+    from napari_cellclip.devices import free_device_memory
+    from napari_cellclip.encoders import get_encoder
+
+    encoder = get_encoder(cfg.encoder, device=device)
+    if dist.enabled:
+        _fill_cache_share(cfg, fields, dist, encoder)
         dist.barrier()
-    out = extract(fields, cfg.encoder, normalization=cfg.normalization,
-                  device=device.type if device.type != "cuda" else str(device), cache_dir=cfg.cache_dir,
-                  batch_size=cfg.extract_batch_size, workers=cfg.workers,
-                  progress=not cfg.no_progress and dist.main, quiet=cfg.quiet)
-    if dist.enabled and dist.main:
-        dist.barrier()
-    return out
+    feats, kept, encoder = extract(fields, encoder, normalization=cfg.normalization, device=device,
+                                   cache_dir=cfg.cache_dir, batch_size=cfg.extract_batch_size,
+                                   workers=cfg.workers, progress=not cfg.no_progress and dist.main,
+                                   quiet=cfg.quiet)
+    spec = encoder.spec
+    del encoder
+    free_device_memory(device)
+    return feats, kept, spec
 
 
 def _corrected(cfg, feats, fields, train_mask, val_mask, spec, rank: int):
@@ -131,7 +175,7 @@ def prepare(cfg, dist, device, say) -> TrainingData:
 
     fields = _read(cfg)
     t0 = time.perf_counter()
-    feats, fields, encoder = _features(cfg, fields, dist, device)
+    feats, fields, encoder_spec = _features(cfg, fields, dist, device)
     t_extract = time.perf_counter() - t0
     val_plates = list(cfg.val_plate or [])
     train_mask, val_mask = split_by_plate(fields, val_plates)
@@ -141,10 +185,10 @@ def prepare(cfg, dist, device, say) -> TrainingData:
     wb = training_data.build_well_bags(feats_c[:n_train], fields[train_mask].reset_index(drop=True))
     val_wb = training_data.build_well_bags(feats_c[n_train:], fields[val_mask].reset_index(drop=True)) \
         if val_mask.any() else None
-    data = TrainingData(fields, wb, val_wb, spec, encoder.spec, tuple(feats.shape), val_plates, t_extract, path)
+    data = TrainingData(fields, wb, val_wb, spec, encoder_spec, tuple(feats.shape), val_plates, t_extract, path)
     n_prompts = len(wb.prompts)
     say(f"data: {len(fields)} fields, {len(wb)} training wells on {len(set(wb.wells['plate']))} plate(s), "
-        f"{n_prompts} distinct prompts; features {data.feature_shape} from {encoder.spec!r} in {t_extract:.1f}s; "
+        f"{n_prompts} distinct prompts; features {data.feature_shape} from {encoder_spec!r} in {t_extract:.1f}s; "
         f"correction {corr.describe(spec)}")
     if cfg.batching == "distinct" and cfg.batch_size * dist.world > n_prompts:
         say(f"note: batches hold distinct prompts only, so the batch size is capped at "

@@ -238,7 +238,7 @@ def export_profiles(output, data=None, *, checkpoint=None, representation: str |
         store, wells = load_store(stores[0])
         paths = write_store_profiles(store, output, wells=wells, aggregate=aggregate)
         return {k: str(v) for k, v in paths.items()}
-    run = {"device": "auto", "cache_dir": None, "extract_batch_size": 8, "workers": 0, "quiet": False,
+    run = {"device": "auto", "cache_dir": None, "extract_batch_size": 8, "workers": None, "quiet": False,
            "no_progress": False, **(run or {})}
     representation = representation or ("embeddings" if checkpoint else "features")
     if representation not in REPRESENTATIONS:

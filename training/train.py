@@ -142,38 +142,49 @@ def _start_logs(run: Run) -> None:
 
 
 # ---------------------------------------------------------------------- training
-def train_step(run: Run, rows: np.ndarray) -> tuple[float, float]:
-    """One optimiser step on the wells ``rows`` → (loss, gradient norm)."""
+def train_step(run: Run, rows: np.ndarray):
+    """One optimiser step on the wells ``rows`` → (loss, gradient norm) as detached device tensors.
+
+    Nothing here waits for the device (no ``.item()``, no ``float()``, no device ``unique``): the
+    batch's distinct prompts are found on the host, inputs go from pinned memory, and the caller
+    reads the two numbers only when it logs them.  The text tower encodes each distinct prompt
+    of the batch once (U ≪ B on real plates); its embedding is then shared by the batch's wells.
+    """
     import torch
 
+    from napari_cellclip.devices import to_device
     from napari_cellclip.losses import compute_loss
 
     from .precision import autocast
 
-    cfg, wb, model = run.cfg, run.data.train, run.model
+    cfg, wb, model, dev = run.cfg, run.data.train, run.model, run.device
     if cfg.bag_min_fields or cfg.bag_max_fields:  # augmentation: a random subset of each well's fields
         rng = np.random.default_rng([cfg.seed, run.step, run.dist.rank, 0xA06])
         bags = wb.gather_subsets(rows, rng, cfg.bag_min_fields or 1, cfg.bag_max_fields)
     else:
         bags = wb.gather(rows)
-    pids = torch.from_numpy(wb.prompt_ids[rows]).to(run.device)
-    x = torch.from_numpy(bags).to(run.device, non_blocking=True)
+    pids = np.asarray(wb.prompt_ids[rows], dtype=np.int64)
+    uniq, inverse = np.unique(pids, return_inverse=True)
+    x = to_device(torch.from_numpy(np.ascontiguousarray(bags)), dev)
+    uniq_d, inverse_d = to_device(torch.from_numpy(uniq), dev), to_device(torch.from_numpy(inverse.reshape(-1)), dev)
     input_ids, attn = run.tokens
-    with autocast(run.device, cfg.precision):
-        img, txt, pooled = run.net(x, input_ids[pids], attn[pids])
-    loss = compute_loss(model.config.loss, img.float(), txt.float(), model.logit_scale,
-                        channel_features=pooled.float(), logit_bias=model.logit_bias, labels=pids,
-                        gather=run.dist.enabled)
+    with autocast(dev, cfg.precision):
+        img, txt, pooled = run.net(x, input_ids[uniq_d], attn[uniq_d])
+    labels = torch.from_numpy(pids)  # on the CPU: the loss groups them without a device sync
+    if run.dist.enabled:  # all-gathered with the embeddings: on the device
+        labels = to_device(labels, dev)
+    loss = compute_loss(model.config.loss, img, txt[inverse_d], model.logit_scale, channel_features=pooled,
+                        logit_bias=model.logit_bias, labels=labels, gather=run.dist.enabled)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else torch.zeros((), device=dev)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     model.clamp_logit_scale_()
-    return float(loss.detach()), float(gnorm)
+    return loss.detach(), gnorm.detach()
 
 
 def checkpoint(run: Run) -> None:
@@ -207,26 +218,51 @@ def validate(run: Run, tag: str) -> dict | None:
     return rep
 
 
+def _step_record(run: Run, rows, loss, gnorm) -> dict:
+    """A metrics line whose numbers are still device tensors (read by :func:`_write_record`)."""
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
+            "logit_scale": run.model.logit_scale.detach().exp(), "grad_norm": gnorm, "batch": int(len(rows))}
+
+
+def _write_record(run: Run, bar, rec: dict | None) -> None:
+    """Read the record's numbers off the device (one transfer) and log them."""
+    if rec is None:
+        return
+    import torch
+
+    keys = ("loss", "logit_scale", "grad_norm")
+    values = torch.stack([rec[k].float().reshape(()) for k in keys]).tolist()
+    rec = dict(rec, **dict(zip(keys, values)), time=round(time.perf_counter() - run.t_train, 3))
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", epoch=rec["epoch"])
+    run.log(rec)
+
+
 def train_epoch(run: Run, bar) -> None:
-    """The rest of the current epoch, with logging, periodic checkpoints and ``stop_after_steps``."""
+    """The rest of the current epoch, with logging, periodic checkpoints and ``stop_after_steps``.
+
+    A logged step's numbers are read after the *next* step has been queued, so reading them
+    does not stall the device between steps (the last one is read at the end of the epoch).
+    """
     cfg = run.cfg
     run.sampler.set_epoch(run.epoch, run.start)
+    pending = None
     for rows in run.sampler:
         loss, gnorm = train_step(run, rows)
         run.step += 1
         run.start += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", epoch=run.epoch)
-        if cfg.log_every and run.step % cfg.log_every == 0:
-            run.log({"step": run.step, "epoch": run.epoch, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                     "logit_scale": float(run.model.logit_scale.detach().exp()), "grad_norm": gnorm,
-                     "batch": int(len(rows)), "time": round(time.perf_counter() - run.t_train, 3)})
+        _write_record(run, bar, pending)
+        pending = _step_record(run, rows, loss, gnorm) if cfg.log_every and run.step % cfg.log_every == 0 else None
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
+            _write_record(run, bar, pending)
+            pending = None
             checkpoint(run)
         if cfg.stop_after_steps and run.step >= int(cfg.stop_after_steps) and run.step < run.total_steps:
+            _write_record(run, bar, pending)
             checkpoint(run)
             run.stopped = True
             return
+    _write_record(run, bar, pending)
 
 
 def train(run: Run) -> None:
@@ -294,7 +330,7 @@ def fit(cfg: FitConfig) -> dict:
     device = resolve_train_device(cfg.device, dist)
     if cfg.precision == "auto":
         cfg.precision = resolve_precision(device)
-    dist.init(device)
+    dist.init(device, cfg.dist_timeout)
     say = (lambda *m: print(*m, file=sys.stderr)) if dist.main and not cfg.quiet else (lambda *m: None)
     data = None
     try:

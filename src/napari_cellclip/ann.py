@@ -69,11 +69,18 @@ def faiss_available() -> bool:
     return True
 
 
+#: how to get faiss: an optional dependency, so that a GPU build can take the ``faiss`` package's place
+FAISS_HINT = ("pip install 'napari-cellclip[ann]' (faiss-cpu); on a GPU machine install a faiss GPU build "
+              "instead (e.g. conda install -c pytorch faiss-gpu, or pip install faiss-gpu-cu12)")
+#: the most lists a GPU IVF index probes per query (faiss GPU's k-selection limit)
+GPU_MAX_NPROBE = 2048
+
+
 def _faiss():
     try:
         import faiss
-    except ImportError as e:  # pragma: no cover - faiss-cpu is a dependency
-        raise CellClipError(f"the ANN index needs faiss (pip install faiss-cpu): {e}") from None
+    except ImportError as e:
+        raise CellClipError(f"the ANN index needs faiss, which is not installed ({e}): {FAISS_HINT}") from None
     return faiss
 
 
@@ -168,15 +175,20 @@ class AnnIndex:
         return int(self.index.d)
 
     @staticmethod
-    def _set_nprobe(index, nprobe: int) -> None:
+    def _set_nprobe(index, nprobe: int, *, gpu: bool = False) -> None:
+        """Lists probed per query.  A GPU index (or its shards over several GPUs) is set through
+        ``GpuParameterSpace`` — the CPU paths do nothing on it — and at most :data:`GPU_MAX_NPROBE`."""
         faiss = _faiss()
+        if gpu:
+            try:
+                faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(int(nprobe), GPU_MAX_NPROBE))
+            except RuntimeError as e:
+                raise CellClipError(f"could not set nprobe={nprobe} on the GPU ANN index: {e}") from None
+            return
         try:
             faiss.extract_index_ivf(index).nprobe = int(nprobe)
-        except Exception:  # noqa: BLE001 - GPU index / non-IVF
-            try:
-                faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
-            except Exception:  # noqa: BLE001
-                pass
+        except Exception:  # noqa: BLE001 - not an IVF index at its top: the generic path
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(nprobe))
 
     def use_gpu(self, enable: bool | str = "auto") -> bool:
         """Move the index to all GPUs for search if faiss has GPUs (returns whether it did)."""
@@ -187,9 +199,19 @@ class AnnIndex:
         if self._gpu is None:
             co = faiss.GpuMultipleClonerOptions()
             co.shard = ngpu > 1
-            self._gpu = faiss.index_cpu_to_all_gpus(self.index, co=co)
-            self._set_nprobe(self._gpu, min(self.nprobe, 2048))
+            gpu = faiss.index_cpu_to_all_gpus(self.index, co=co)
+            self._set_nprobe(gpu, self.nprobe, gpu=True)
+            self._gpu = gpu
         return True
+
+    def _search_on(self, index, q: np.ndarray, k: int, nprobe: int | None, *, gpu: bool):
+        if nprobe is not None:
+            self._set_nprobe(index, nprobe, gpu=gpu)
+        try:
+            return index.search(q, k)
+        finally:
+            if nprobe is not None:
+                self._set_nprobe(index, self.nprobe, gpu=gpu)
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None):
@@ -200,14 +222,19 @@ class AnnIndex:
             return np.zeros((q.shape[0], 0)), np.zeros((q.shape[0], 0), dtype=np.int64)
         if k > MAX_ANN_K:
             return self._exact(q, k)
-        index = self._gpu if self._gpu is not None else self.index
-        if nprobe is not None:
-            self._set_nprobe(index, nprobe)
-        try:
-            scores, rows = index.search(q, k)
-        finally:
-            if nprobe is not None:
-                self._set_nprobe(index, self.nprobe)
+        scores = rows = None
+        if self._gpu is not None:
+            try:
+                scores, rows = self._search_on(self._gpu, q, k, nprobe, gpu=True)
+            except (RuntimeError, CellClipError) as e:  # e.g. GPU memory: the CPU index answers instead
+                warnings.warn(f"GPU ANN search failed ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                              "searching on the CPU from now on", CellClipWarning, stacklevel=2)
+                self._gpu = None
+        if scores is None:
+            try:
+                scores, rows = self._search_on(self.index, q, k, nprobe, gpu=False)
+            except RuntimeError as e:
+                raise CellClipError(f"ANN search failed: {e}") from None
         bad = (rows < 0).any(axis=1)
         if bad.any():  # probed lists held fewer than k rows: answer those exactly
             es, er = self._exact(q[bad], k)
@@ -369,7 +396,7 @@ def searcher_for_store(store, *, save: bool = True) -> AnnIndex | None:
     if not faiss_available():
         if not _WARNED_NO_FAISS:
             warnings.warn("faiss is not installed: searching large stores exactly (slower); "
-                          "pip install faiss-cpu", CellClipWarning, stacklevel=3)
+                          f"{FAISS_HINT}", CellClipWarning, stacklevel=3)
             _WARNED_NO_FAISS = True
         return None
     folder = getattr(store, "path", None)

@@ -8,9 +8,12 @@ so ``torch.cuda.set_device`` and per-device caches see one name per GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 from .errors import CellClipError
 
-__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "resolve_device", "torchrun_env", "use_device"]
+__all__ = ["DEVICE_CHOICES", "DEVICE_HELP", "cuda_flags", "default_workers", "free_device_memory", "local_world_size",
+           "resolve_device", "to_device", "torchrun_env", "use_device"]
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 DEVICE_HELP = "'auto' (CUDA, then Apple MPS, then the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"
@@ -80,21 +83,83 @@ def resolve_device(device=None, *, local_rank: int | None = None):
     raise CellClipError(f"unknown device {device!r}; choose {DEVICE_HELP}")
 
 
-def use_device(device, *, tf32: bool = False):
+def use_device(device):
     """Make a resolved CUDA ``device`` the process's current one (no-op elsewhere); returns it.
 
-    ``tf32=True`` also lets fp32 matmuls and convolutions use TF32 and cuDNN pick its fastest
-    kernels (the embedding job: frozen encoders under inference).
+    It changes no global numerics flag: TF32 and cuDNN autotuning are scoped with :func:`cuda_flags`.
     """
     import torch
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
     return device
+
+
+@contextlib.contextmanager
+def cuda_flags(*, tf32: bool | None = None, benchmark: bool | None = None):
+    """Set PyTorch's process-wide TF32 / ``cudnn.benchmark`` flags for a block, restoring them after.
+
+    ``None`` leaves a flag as it is.  The flags are global to the process: a job (or a benchmark
+    row) that set them without restoring would run every later computation in TF32, so callers
+    scope them with this context instead.
+    """
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        if tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+            torch.backends.cudnn.allow_tf32 = bool(tf32)
+        if benchmark is not None:
+            torch.backends.cudnn.benchmark = bool(benchmark)
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
+
+
+def to_device(t, device):
+    """Tensor ``t`` on ``device``; a CPU tensor goes to a GPU from pinned memory without blocking the
+    host (a pageable copy would wait for the GPU's queued work first)."""
+    import torch
+
+    device = torch.device(device) if device is not None else t.device
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def free_device_memory(device) -> None:
+    """Hand cached blocks of a CUDA device back to the driver (after a big model is dropped)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def local_world_size() -> int:
+    """Processes sharing this node under torchrun (``LOCAL_WORLD_SIZE``; 1 without torchrun)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    except ValueError:
+        raise CellClipError(
+            f"environment variable LOCAL_WORLD_SIZE={os.environ.get('LOCAL_WORLD_SIZE')!r} is not an integer"
+        ) from None
+
+
+def default_workers(cap: int = 8) -> int:
+    """Decoding worker processes for this process: half the node's CPU cores divided among the
+    node's torchrun processes, between 1 and ``cap``."""
+    import os
+
+    return max(1, min(int(cap), (os.cpu_count() or 2) // 2 // local_world_size()))
 
 
 def torchrun_env() -> tuple[int, int, int]:

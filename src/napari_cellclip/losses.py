@@ -73,6 +73,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .devices import to_device
+
 __all__ = [
     "LOSSES",
     "HOPFIELD_SCALE",
@@ -155,7 +157,7 @@ def target_matrix(labels: torch.Tensor | None, n: int, device=None, dtype=torch.
     """(n, n) row-stochastic targets: identity, or uniform over equal labels."""
     if labels is None:
         return torch.eye(n, device=device, dtype=dtype)
-    labels = labels.reshape(-1).to(device)
+    labels = to_device(labels.reshape(-1), device)
     if labels.shape[0] != n:
         raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {n}")
     same = (labels[:, None] == labels[None, :]).to(dtype)
@@ -166,11 +168,12 @@ def _groups(labels: torch.Tensor | None, n: int, device, dtype):
     """(n, U) one-hot membership of each sample in its distinct label (identity without labels)."""
     if labels is None:
         return torch.eye(n, device=device, dtype=dtype)
-    labels = labels.reshape(-1).to(device)
+    labels = labels.reshape(-1)
     if labels.shape[0] != n:
         raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {n}")
+    # on the labels' own device: CPU labels give the group count without waiting for the GPU
     uniq, inverse = torch.unique(labels, sorted=True, return_inverse=True)
-    return F.one_hot(inverse, uniq.shape[0]).to(dtype)
+    return F.one_hot(to_device(inverse, device), uniq.shape[0]).to(dtype)
 
 
 def _dedup_text(txt: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -210,7 +213,7 @@ def channel_similarity_weights(channel_features: torch.Tensor, labels: torch.Ten
     cos = torch.einsum("icd,jcd->ij", u, u) / C  # mean over channels
     w = cos / 2 + 0.5
     if labels is not None:
-        labels = labels.reshape(-1).to(w.device)
+        labels = to_device(labels.reshape(-1), w.device)
         w = torch.where(labels[:, None] == labels[None, :], torch.ones_like(w), w)
     return w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
 
@@ -308,7 +311,24 @@ def cloob_loss(image_emb, text_emb, logit_scale, *, labels=None, hopfield_scale:
 
 def compute_loss(name: str, image_emb, text_emb, logit_scale, *, channel_features=None,
                  logit_bias=None, labels=None, gather: bool = False) -> torch.Tensor:
-    """Dispatch on ``config.loss`` (one of :data:`LOSSES`)."""
+    """Dispatch on ``config.loss`` (one of :data:`LOSSES`); always computed in fp32 (or fp64).
+
+    Autocast is switched off here, so a caller inside a bf16/fp16 autocast region still gets an
+    fp32 loss (the similarity matmuls would otherwise run, and the loss come back, in bf16).
+    ``labels`` may stay on the CPU (their distinct values are then found without a device sync).
+    """
+    with torch.autocast(device_type=_device_type(image_emb), enabled=False):
+        return _compute_loss(name, image_emb, text_emb, logit_scale, channel_features=channel_features,
+                             logit_bias=logit_bias, labels=labels, gather=gather)
+
+
+def _device_type(t) -> str:
+    kind = t.device.type if torch.is_tensor(t) else "cpu"
+    return kind if kind in ("cuda", "cpu", "mps", "xpu") else "cpu"
+
+
+def _compute_loss(name: str, image_emb, text_emb, logit_scale, *, channel_features=None,
+                  logit_bias=None, labels=None, gather: bool = False) -> torch.Tensor:
     if name == "cwcl":
         if channel_features is None:
             raise ValueError("cwcl loss needs channel_features (B, C, D)")

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text
+from .devices import cuda_flags
 from .errors import CellClipError, CellClipWarning, PlateError
 
 __all__ = ["run_job", "main", "plan", "DEFAULT_SHARD_SIZE"]
@@ -335,7 +336,9 @@ def stage_merge(job: Job, model_id: str, e_dim: int, info: dict, *, ann: str) ->
         wells = _merged_wells(job, fields_out, all_rows, model_id, e_dim, info)
         w.finish(fields_out, wells=wells, info={"n_embedded": int(total), "skipped": skipped})
     t_ann = 0.0
-    if ann == "always" or (ann == "auto" and total >= ann_mod.ANN_THRESHOLD):
+    if ann == "auto" and total >= ann_mod.ANN_THRESHOLD and not ann_mod.faiss_available():
+        job.log(f"no ANN index: faiss is not installed (searches of this store run exactly); {ann_mod.FAISS_HINT}")
+    elif ann == "always" or (ann == "auto" and total >= ann_mod.ANN_THRESHOLD):
         ta = time.perf_counter()
         ann_mod.build_index(EmbeddingStore.load(out, mmap=True).embeddings, use_gpu=False).save(out)
         t_ann = time.perf_counter() - ta
@@ -405,6 +408,7 @@ def build_encoder(spec: str, dev, *, n_crops: int | None = None, batch_size: int
 
         if hasattr(enc, "model"):
             enc.model = torch.compile(enc.model, dynamic=False)
+            enc.fixed_batch = True  # every forward padded to max_batch crops: one graph, not one per size
         else:
             warnings.warn(f"--compile: encoder {enc.spec!r} has no model to compile; running eagerly",
                           CellClipWarning, stacklevel=2)
@@ -449,6 +453,7 @@ def _setup(data, checkpoint, *, model, encoder, dev, read: dict, batch_size: int
     return model, fields, encoder
 
 
+@cuda_flags(tf32=True, benchmark=True)  # frozen encoders under inference; restored when the job returns
 def run_job(
     data,
     checkpoint,
@@ -489,17 +494,17 @@ def run_job(
     reaches the search threshold), ``"always"``, ``"never"``.  ``stop_after_shards``: debug —
     SIGKILL this process after writing that many shards (used by the kill/resume test).
     """
-    from .devices import resolve_device, torchrun_env, use_device
+    from .devices import default_workers, resolve_device, torchrun_env, use_device
     from .embed import correction_spec
     from .features import plate_ranges
 
     t_start = time.perf_counter()
     rank, world, local_rank = torchrun_env()
     out, shard_size, batch_size = Path(out).expanduser(), max(1, int(shard_size)), max(1, int(batch_size))
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if workers is None else int(workers)
+    workers = default_workers() if workers is None else int(workers)
     if ann not in ("auto", "always", "never"):
         raise CellClipError(f"ann must be 'auto', 'always' or 'never', got {ann!r}")
-    dev = use_device(resolve_device(device, local_rank=local_rank if world > 1 else None), tf32=True)
+    dev = use_device(resolve_device(device, local_rank=local_rank if world > 1 else None))
     read = dict(platemap=platemap, barcode_platemap=barcode_platemap, annotations=annotations, cell_line=cell_line,
                 channel_map=channel_map)
     model, fields, encoder = _setup(data, checkpoint, model=model, encoder=encoder, dev=dev, read=read,
@@ -546,7 +551,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="output folder, required: the embedding store (with its ANN index) and the job's shards")
     add_alias(p, "--out", "output")
     g = add_run_args(p, batch_help="fields per encoder forward", batch_default=8, workers_default=None,
-                     workers_help="worker processes decoding images (default: half the CPU cores, at most 8)",
+                     workers_help="worker processes decoding images (default: half the CPU cores, divided among the "
+                                  "node's torchrun processes, at most 8)",
                      cache_help="feature cache folder, shared with the plugin and training: fields already "
                                 "encoded there are not encoded again (default: $NAPARI_CELLCLIP_CACHE or "
                                 "~/.cache/napari-cellclip/features)")

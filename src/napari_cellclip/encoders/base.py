@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..devices import resolve_device
+from ..devices import cuda_flags, resolve_device
 from ..errors import CellClipError
 
 @dataclass(frozen=True)
@@ -72,9 +72,10 @@ class ChannelEncoder:
     dim : int
         Length ``D`` of one channel's feature vector.
     identity : str
-        Stable string naming the spec, the weights and every setting that
-        changes the features (crop count, normalisation, version); used as the
-        feature-cache key.
+        Stable string naming the spec, the weights, every setting that
+        changes the features (crop count, normalisation, version) and the
+        numeric :attr:`precision` of the forward; used as the feature-cache key
+        (bf16 GPU features differ from fp32 CPU ones by ~0.5 %: they never share entries).
     device : torch.device
         Where the forward pass runs.
 
@@ -84,12 +85,28 @@ class ChannelEncoder:
 
     spec: str = ""
     dim: int = 0
-    identity: str = ""
+    _identity: str = ""
     #: run the forward under bf16/fp16 autocast on CUDA
     autocast: bool = False
 
     def __init__(self, device: str | torch.device | None = "auto"):
         self.device = resolve_device(device)
+        self.precision = self._pick_precision()
+
+    def _pick_precision(self) -> str:
+        """``"bf16"`` / ``"fp16"`` (autocast on CUDA, bf16 where supported), else ``"fp32"`` (TF32 off)."""
+        if self.autocast and self.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+
+    @property
+    def identity(self) -> str:
+        """What the subclass names (spec, weights, settings) plus ``|precision=<fp32|bf16|fp16>``."""
+        return f"{self._identity}|precision={getattr(self, 'precision', 'fp32')}"
+
+    @identity.setter
+    def identity(self, value: str) -> None:
+        self._identity = str(value)
 
     # -- to implement -----------------------------------------------------
     def _encode_planes(self, planes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -106,9 +123,13 @@ class ChannelEncoder:
         return short_hash(self.identity, 16)
 
     def _autocast_context(self):
-        if self.autocast and self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast(device_type="cuda", dtype=dtype)
+        """The forward's numerics, as :attr:`precision` says: autocast in bf16/fp16, or exact fp32
+        (TF32 off for the block, whatever a caller set process-wide, so fp32 features are fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        if self.device.type == "cuda":
+            return cuda_flags(tf32=False)
         return contextlib.nullcontext()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -293,12 +293,17 @@ class HFEncoder(ChannelEncoder):
         self.folded = fold and _fold_first_conv(model, self.image_mean, self.image_std)
 
         model.eval().requires_grad_(False)
-        self.model = model.to(self.device)
+        # under bf16/fp16 autocast the weights live in that dtype too: half the memory of a giant
+        # model, and no per-forward cast of every weight (normalisations still run in fp32)
+        wdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        self.model = model.to(self.device, dtype=wdtype)
+        #: pad every forward to ``max_batch`` crops (set for ``torch.compile(dynamic=False)``: one graph)
+        self.fixed_batch = False
         self._mean = torch.tensor(self.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.image_std, device=self.device).view(1, 3, 1, 1)
         dim = getattr(config, "hidden_size", None)
         if not isinstance(dim, int):
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast_context():
                 dim = int(self._forward_crops(torch.zeros(1, 1, self.input_size, self.input_size,
                                                           device=self.device)).shape[-1])
         self.dim = int(dim)
@@ -374,11 +379,18 @@ class HFEncoder(ChannelEncoder):
             pooled = hidden.mean(dim=1) if hidden.ndim == 3 else hidden.flatten(2).mean(-1)
         return pooled.reshape(pooled.shape[0], -1)
 
+    def _forward_fixed(self, crops: torch.Tensor) -> torch.Tensor:
+        """One forward → float32; with :attr:`fixed_batch`, zero-padded to ``max_batch`` crops first
+        (a compiled model then sees one input shape, whatever the batch, and compiles once)."""
+        n = crops.shape[0]
+        if self.fixed_batch and n < self.max_batch:
+            crops = torch.cat([crops, crops.new_zeros((self.max_batch - n,) + tuple(crops.shape[1:]))])
+        return self._forward_crops(crops)[:n].float()
+
     def _encode_planes(self, planes: torch.Tensor) -> torch.Tensor:
         n = planes.shape[0]
         crops = crop_grid(planes, self.input_size, self.n_crops)  # (N, k, 1, S, S)
         flat = crops.reshape(n * self.n_crops, 1, self.input_size, self.input_size)
-        outs = [self._forward_crops(flat[i : i + self.max_batch]).float() for i in range(0, flat.shape[0],
-                                                                                   self.max_batch)]
+        outs = [self._forward_fixed(flat[i : i + self.max_batch]) for i in range(0, flat.shape[0], self.max_batch)]
         emb = torch.cat(outs, dim=0)
         return emb.reshape(n, self.n_crops, -1).mean(dim=1)
