@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text
+from .cli import check_output_dir
 from .errors import CellClipError, CellClipWarning, PlateError
 
 __all__ = ["run_job", "main", "plan", "DEFAULT_SHARD_SIZE"]
@@ -495,7 +496,7 @@ def run_job(
 
     t_start = time.perf_counter()
     rank, world, local_rank = torchrun_env()
-    out, shard_size, batch_size = Path(out).expanduser(), max(1, int(shard_size)), max(1, int(batch_size))
+    out, shard_size, batch_size = check_output_dir(out), max(1, int(shard_size)), max(1, int(batch_size))
     workers = max(1, min(8, (os.cpu_count() or 2) // 2)) if workers is None else int(workers)
     if ann not in ("auto", "always", "never"):
         raise CellClipError(f"ann must be 'auto', 'always' or 'never', got {ann!r}")
@@ -534,7 +535,7 @@ def run_job(
 
 # ------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, add_alias, add_checkpoint_arg, add_data_args, add_run_args
+    from .cli import HelpFormatter, add_alias, add_checkpoint_arg, add_data_args, add_run_args, number, output_dir
 
     p = argparse.ArgumentParser(
         prog="python -m napari_cellclip.pipeline", formatter_class=HelpFormatter,
@@ -542,9 +543,9 @@ def _parser() -> argparse.ArgumentParser:
                     "run under torchrun to share the fields out over GPUs and machines.")
     add_data_args(p, data_required=True)
     add_checkpoint_arg(p)
-    p.add_argument("--output", "-o", metavar="DIR",
+    p.add_argument("--output", "-o", metavar="DIR", type=output_dir,
                    help="output folder, required: the embedding store (with its ANN index) and the job's shards")
-    add_alias(p, "--out", "output")
+    add_alias(p, "--out", "output", type=output_dir)
     g = add_run_args(p, batch_help="fields per encoder forward", batch_default=8, workers_default=None,
                      workers_help="worker processes decoding images (default: half the CPU cores, at most 8)",
                      cache_help="feature cache folder, shared with the plugin and training: fields already "
@@ -555,17 +556,17 @@ def _parser() -> argparse.ArgumentParser:
     j = p.add_argument_group("job")
     j.add_argument("--resume", action="store_true", help="continue a killed job in --output")
     j.add_argument("--overwrite", action="store_true", help="delete a job or store in --output and start again")
-    j.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    j.add_argument("--shard-size", type=number(int, 1, 1 << 24), default=DEFAULT_SHARD_SIZE,
                    help="fields per shard, the unit of work saved to disk and resumed")
-    j.add_argument("--wait-timeout", type=float, default=24 * 3600.0, metavar="SECONDS",
+    j.add_argument("--wait-timeout", type=number(float, 0.0, above=True), default=24 * 3600.0, metavar="SECONDS",
                    help="how long one process waits for the shards of the others under torchrun (default: one day)")
     j.add_argument("--ann", choices=("auto", "always", "never"), default="auto",
                    help="build the FAISS search index with the store (auto: from 50 000 fields, where search uses it)")
     j.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    j.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
+    j.add_argument("--stop-after-shards", type=number(int, 1), default=None, help=argparse.SUPPRESS)
     e = p.add_argument_group("image encoder")
     e.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    e.add_argument("--n-crops", type=int, default=None,
+    e.add_argument("--n-crops", type=number(int, 1, 1024), default=None,
                    help="crops per plane for hf: encoders, a square number (default: the encoder's, 4)")
     e.add_argument("--encoder-option", action="append", default=[], metavar="KEY=VALUE",
                    help="another option for the image encoder (e.g. size=128 for morphology); repeatable")

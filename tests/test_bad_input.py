@@ -1,0 +1,85 @@
+"""Bad-input corpus (issue 12): each case feeds one kind of bad input or fault and asserts what the
+user sees — a one-line error naming the input, a warning naming it with the rest processed, or a
+recomputation — never a traceback or a silently wrong number."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_cellclip.errors import CellClipError
+
+
+# ------------------------------------------------------------------ command-line options
+@pytest.mark.parametrize("argv, words", [
+    (["fit", "--vision-heads", "0"], ["--vision-heads", "at least 1"]),
+    (["fit", "--lr", "-1"], ["--lr", "above 0"]),
+    (["fit", "--lr", "nan"], ["--lr", "finite"]),
+    (["fit", "--workers", "-1"], ["--workers", "at least 0"]),
+    (["fit", "--grad-clip", "-1"], ["--grad-clip", "at least 0"]),
+    (["fit", "--min-lr-ratio", "2"], ["--min-lr-ratio", "at most 1"]),
+    (["fit", "--embed-dim", "1000000000"], ["--embed-dim", "at most"]),
+    (["fit", "--epochs", "1.5"], ["--epochs", "whole number"]),
+    (["evaluate", "--checkpoint", "x", "--batch-size", "0"], ["--batch-size", "at least 1"]),
+])
+def test_training_cli_refuses_out_of_range_options(argv, words, capsys):
+    from training.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err and all(w in err for w in words), err
+
+
+def test_fit_output_that_is_a_file_is_refused(tmp_path, capsys):
+    from training.__main__ import main
+
+    f = tmp_path / "run.txt"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--output", str(out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert str(f) in err and "not a folder" in err, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--shard-size", "0"], ["--shard-size", "at least 1"]),
+    (["--workers", "-2"], ["--workers", "at least 0"]),
+    (["--wait-timeout", "0"], ["--wait-timeout", "above 0"]),
+    (["--n-crops", "x"], ["--n-crops", "not a whole number"]),
+])
+def test_pipeline_cli_refuses_out_of_range_options(argv, words, capsys, tmp_path):
+    from napari_cellclip.pipeline import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(tmp_path), "--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and all(w in err for w in words), err
+
+
+def test_pipeline_output_that_is_a_file_is_refused(tmp_path, capsys):
+    from napari_cellclip.pipeline import main, run_job
+
+    f = tmp_path / "store.parquet"
+    f.write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path), "--checkpoint", str(tmp_path), "--out", str(f)])
+    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(CellClipError, match="store.parquet.*not a folder"):
+        run_job(str(tmp_path), str(tmp_path), f)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"grad_clip": -1.0}, "--grad-clip"), ({"vision_heads": 0}, "--vision-heads"),
+    ({"lr": float("inf")}, "--lr"), ({"warmup": -0.5}, "--warmup"), ({"keep": -1}, "--keep"),
+    ({"bag_min_fields": 4, "bag_max_fields": 2}, "--bag-max-fields"),
+])
+def test_fit_api_validates_like_the_command_line(kw, words):
+    from training.config import FitConfig
+
+    with pytest.raises(CellClipError, match=words):
+        FitConfig(**kw)
+    assert FitConfig(lr=1e-3, grad_clip=0.0).grad_clip == 0.0  # in range: accepted
