@@ -83,3 +83,79 @@ def test_fit_api_validates_like_the_command_line(kw, words):
     with pytest.raises(CellClipError, match=words):
         FitConfig(**kw)
     assert FitConfig(lr=1e-3, grad_clip=0.0).grad_clip == 0.0  # in range: accepted
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_bert_dir):
+    import torch
+
+    from napari_cellclip import model as model_mod
+
+    torch.manual_seed(0)
+    cfg = model_mod.CellCLIPConfig(embed_dim=8, vision_width=16, vision_layers=1, vision_heads=2,
+                                   input_channels=5, context_length=32, text_encoder=str(tiny_bert_dir),
+                                   text_pooling="mean", image_encoder="morphology")
+    return model_mod.CellCLIP(cfg).eval().save_pretrained(tmp_path_factory.mktemp("ck") / "model")
+
+
+def _copy_with(tmp_path, ckpt, file, **changes):
+    import json
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(ckpt, d)
+    cfg = json.loads((d / file).read_text())
+    cfg.update(changes)
+    (d / file).write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("file, changes, words", [
+    ("config.json", {"vision_width": 10**9}, "visual.channel_embed"),
+    ("config.json", {"embed_dim": 10**9}, "visual.proj"),
+    ("config.json", {"vision_layers": 10**6}, "vision_layers is 1000000"),
+    ("config.json", {"input_channels": 7, "stains": list("ABCDEFG")}, "visual.channel_embed"),
+    ("text/config.json", {"hidden_size": 10**9}, "text encoder config"),
+    ("text/config.json", {"num_hidden_layers": 10**6}, "text encoder config"),
+])
+def test_absurd_checkpoint_config_is_refused_before_anything_is_built(tmp_path, tiny_ckpt, file, changes, words):
+    from napari_cellclip.checkpoints import load_model
+    from napari_cellclip.errors import CheckpointError
+
+    d = _copy_with(tmp_path, tiny_ckpt, file, **changes)
+    with pytest.raises(CheckpointError, match=words) as exc:
+        load_model(d, device="cpu")
+    assert str(d) in str(exc.value)
+
+
+def test_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path, tiny_ckpt):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from napari_cellclip.checkpoints import load_model
+    from napari_cellclip.errors import CheckpointError
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, d)
+    state = load_file(str(d / "model.safetensors"))
+    state["visual.proj"][0, 0] = float("nan")
+    state["text_proj.bias"][1] = float("inf")
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in .*(visual\.proj|text_proj\.bias)"):
+        load_model(d, device="cpu")
+
+
+def test_truncated_checkpoint_weights_name_the_file(tmp_path, tiny_ckpt):
+    import shutil
+
+    from napari_cellclip.checkpoints import load_model
+    from napari_cellclip.errors import CheckpointError
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(d, device="cpu")
