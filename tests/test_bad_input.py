@@ -159,3 +159,55 @@ def test_truncated_checkpoint_weights_name_the_file(tmp_path, tiny_ckpt):
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(d, device="cpu")
+
+
+# ------------------------------------------------------------------ training faults
+def test_resume_skips_a_truncated_checkpoint_cleans_temps_and_logs_each_step_once(tmp_path, cellclip_cache_dir):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from napari_cellclip.errors import CellClipWarning
+    from training.loop import fit
+
+    kw = dict(embed_dim=16, vision_layers=1, vision_heads=2, quiet=True, no_progress=True, epochs=2, batch_size=2,
+              cache_dir=str(cellclip_cache_dir), seed=1, warmup=1)
+    full = fit(output=str(tmp_path / "full"), **kw)
+    run = tmp_path / "part"
+    part = fit(output=str(run), stop_after_steps=3, save_every=1, keep=3, **kw)
+    assert part["stopped_early"] and full["steps"] > 3
+    ck = run / "checkpoints"
+    w = ck / "checkpoint-0000003" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])  # killed mid-write on a file system without atomic rename
+    stale = ck / ".checkpoint-0000004.tmp-0123abcd"
+    stale.mkdir()
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "epoch": 0, "lo')  # a line cut short by the kill
+    with pytest.warns(CellClipWarning) as got:
+        resumed = fit(output=str(run), resume=True, **kw)
+    said = " ".join(str(w.message) for w in got)
+    assert "checkpoint-0000003" in said and "damaged" in said and str(stale) in said
+    assert resumed["steps"] == full["steps"] and not stale.exists()
+    a = load_file(str(Path(full["model"]) / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, full["steps"] + 1))
+
+
+def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(tmp_path, cellclip_cache_dir):
+    from napari_cellclip.errors import CheckpointError
+    from training.loop import fit
+
+    kw = dict(embed_dim=16, vision_layers=1, vision_heads=2, quiet=True, no_progress=True, epochs=2, batch_size=2,
+              cache_dir=str(cellclip_cache_dir))
+    run = tmp_path / "part"
+    fit(output=str(run), stop_after_steps=2, **kw)
+    for st in (run / "checkpoints").glob("checkpoint-*/training_state.pt"):
+        st.write_bytes(st.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"checkpoint-0000002.*damaged"), pytest.warns(Warning):
+        fit(output=str(run), resume=True, **kw)

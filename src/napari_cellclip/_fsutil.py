@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -24,7 +25,10 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["append_text", "atomic_dir", "atomic_file", "atomic_save_npy", "atomic_write_bytes", "atomic_write_text",
-           "discard", "file_digest", "publish", "temp_path"]
+           "discard", "file_digest", "publish", "remove_stale_temps", "temp_path"]
+
+#: the names :func:`temp_path` gives (``.<final name>.<kind>-<8 hex digits>``)
+_TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 
 
 def temp_path(final, kind: str = "tmp") -> Path:
@@ -44,6 +48,16 @@ def publish(tmp: Path, final) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Remove the temporaries a killed writer left in ``folder`` (not recursive) → what was removed.
+    Call it only where no other process is writing into ``folder``."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name)] if folder.is_dir() else []
+    for p in stale:
+        discard(p)
+    return stale
 
 
 def discard(tmp: Path) -> None:
