@@ -47,9 +47,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text
+from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text, load_npy, verify_npy
 from .cli import check_output_dir
-from .errors import CellClipError, CellClipWarning, PlateError
+from .errors import CellClipError, CellClipWarning, CorruptFileError, PlateError
 
 __all__ = ["run_job", "main", "plan", "DEFAULT_SHARD_SIZE"]
 
@@ -148,10 +148,41 @@ def _write_part(out: Path, kind: str, i: int, data: np.ndarray, rows: np.ndarray
 
 
 def _read_part(out: Path, kind: str, i: int, mmap: bool = True, extra: Sequence[str] = ()):
+    """(data, rows, meta, *extra arrays) of a finished part; every array checked against its checksum."""
     d, r, m = _shard_paths(out, kind, i)
-    data = np.load(d, allow_pickle=False, mmap_mode="r" if mmap else None)
-    more = [np.load(d.with_name(f"{d.stem}.{name}.npy"), allow_pickle=False) for name in extra]
-    return (data, np.load(r, allow_pickle=False), json.loads(m.read_text()), *more)
+    data = load_npy(d, mmap=mmap)
+    more = [load_npy(d.with_name(f"{d.stem}.{name}.npy")) for name in extra]
+    try:
+        meta = json.loads(m.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(m, f"unreadable ({exc})") from None
+    return (data, load_npy(r), meta, *more)
+
+
+def _part_files(out: Path, kind: str, i: int) -> list[Path]:
+    d, r, m = _shard_paths(out, kind, i)
+    return [d, r, m, *d.parent.glob(f"{d.stem}.*.npy")]
+
+
+def redo_damaged(job: Job, kind: str, parts: Sequence[int]) -> list[int]:
+    """Of this rank's finished ``parts``, those whose files fail their checksum (cut short, a flipped
+    bit): named in a warning and removed, so that they are computed again → their indices."""
+    bad = []
+    for i in parts:
+        if not _done(job.out, kind, i):
+            continue
+        try:
+            for p in _part_files(job.out, kind, i):
+                if p.suffix == ".npy":
+                    verify_npy(p)
+            _read_part(job.out, kind, i, mmap=True)
+        except (CorruptFileError, OSError) as exc:
+            warnings.warn(f"damaged {kind} shard {i} ({exc}): computed again", CellClipWarning, stacklevel=2)
+            job.log(f"damaged {kind} shard {i}: computed again")
+            for p in _part_files(job.out, kind, i):
+                p.unlink(missing_ok=True)
+            bad.append(i)
+    return bad
 
 
 # -------------------------------------------------------------------- job folder
@@ -240,6 +271,7 @@ def stage_features(job: Job, encoder, *, cache_dir, batch_size: int, workers: in
 
     p, meta = job.plan, job.meta
     mine = job.mine(len(p.shards))
+    redo_damaged(job, "features", mine)
     todo = [s for s in mine if not _done(job.out, "features", s)]
     job.stats.update(shards_on_rank=len(mine), shards_resumed=len(mine) - len(todo), shards_computed=0,
                      fields_encoded=0, fields_cached=0, seconds_features=0.0)
@@ -289,6 +321,7 @@ def stage_embeddings(job: Job, model, spec, *, batch_size: int) -> None:
 
     t2 = time.perf_counter()
     units, done = job.plan.units, 0
+    redo_damaged(job, "embeddings", job.mine(len(units)))
     for u in job.mine(len(units)):
         if _done(job.out, "embeddings", u):
             continue
