@@ -211,3 +211,50 @@ def test_resume_with_every_checkpoint_damaged_stops_with_a_clear_error(tmp_path,
         st.write_bytes(st.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"checkpoint-0000002.*damaged"), pytest.warns(Warning):
         fit(output=str(run), resume=True, **kw)
+
+
+# ------------------------------------------------------------------ stores and queries
+def _store(n=4, dim=8, scale=1.0):
+    import numpy as np
+    import pandas as pd
+
+    from napari_cellclip.store import EmbeddingStore, l2_normalize
+
+    rng = np.random.default_rng(0)
+    emb = l2_normalize(rng.normal(size=(n, dim)).astype(np.float32)) * scale
+    fields = pd.DataFrame({"Metadata_Plate": "P", "Metadata_Well": [f"A{i + 1:02d}" for i in range(n)],
+                           "Metadata_Site": 1})
+    return EmbeddingStore(emb, fields, "m", normalize=False)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda e: e.__imul__(3.0), "row 0 has length 3"),
+    (lambda e: e.__setitem__((2, 1), float("nan")), "row 2 has length nan"),
+])
+def test_store_with_non_unit_embeddings_is_refused_on_load(tmp_path, damage, words):
+    import numpy as np
+
+    from napari_cellclip.store import EmbeddingStore, StoreError
+
+    _store().save(tmp_path / "s")
+    f = tmp_path / "s" / "embeddings.npy"
+    emb = np.load(f)
+    damage(emb)
+    np.save(f, emb)
+    for mmap in (False, True):
+        with pytest.raises(StoreError, match=words) as exc:
+            EmbeddingStore.load(tmp_path / "s", mmap=mmap)
+        assert "embeddings.npy" in str(exc.value)
+    _store(scale=1.0).save(tmp_path / "ok")
+    assert EmbeddingStore.load(tmp_path / "ok").embeddings.shape == (4, 8)  # unit rows load
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200b", "\x07\x01\x1b", " \u200d\ufeff ", "\u2063"])
+def test_queries_that_tokenise_to_nothing_are_refused(tiny_ckpt, text):
+    from napari_cellclip.checkpoints import load_model
+    from napari_cellclip.errors import QueryError
+
+    model = load_model(tiny_ckpt, device="cpu")
+    with pytest.raises(QueryError, match="no words"):
+        model.encode_prompts([text])
+    assert model.encode_prompts(["A549 cells treated with compound: lonafarnib"]).shape == (1, 8)
