@@ -258,3 +258,91 @@ def test_queries_that_tokenise_to_nothing_are_refused(tiny_ckpt, text):
     with pytest.raises(QueryError, match="no words"):
         model.encode_prompts([text])
     assert model.encode_prompts(["A549 cells treated with compound: lonafarnib"]).shape == (1, 8)
+
+
+def test_evaluate_with_a_correction_the_checkpoint_was_not_trained_with_warns_and_says_so(trained_checkpoint,
+                                                                                          cellclip_cache_dir):
+    from napari_cellclip.errors import CellClipWarning
+    from training.evaluate import evaluate_checkpoint
+
+    with pytest.warns(CellClipWarning, match=r"--correction none overrides the 'tvn' correction"):
+        rep = evaluate_checkpoint(trained_checkpoint, correction="none", device="cpu", cache_dir=cellclip_cache_dir,
+                                  quiet=True, no_progress=True)
+    assert "overrides" in rep["correction_override"]
+    own = evaluate_checkpoint(trained_checkpoint, device="cpu", cache_dir=cellclip_cache_dir, quiet=True,
+                              no_progress=True)
+    assert "correction_override" not in own
+
+
+# ------------------------------------------------------------------ images
+def _plate(tmp_path, planes):
+    """A fields table of one plate, one field per plane list (one plane per stain), as float/uint TIFFs."""
+    import pandas as pd
+    import tifffile
+
+    rows = []
+    for i, chans in enumerate(planes):
+        rec = {"Metadata_Plate": "P1", "Metadata_Well": f"A{i + 1:02d}", "Metadata_Site": 1}
+        for s, img in zip(("DNA", "AGP"), chans):
+            name = f"A{i + 1:02d}_{s}.tif"
+            tifffile.imwrite(tmp_path / name, img)
+            rec[f"FileName_Orig{s}"], rec[f"PathName_Orig{s}"] = name, str(tmp_path)
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def test_nan_and_inf_pixels_are_named_and_do_not_poison_the_plate(tmp_path):
+    import numpy as np
+
+    from napari_cellclip._reader import fields_layer_data
+    from napari_cellclip.errors import CellClipWarning
+    from napari_cellclip.images import plate_ranges, read_image
+
+    rng = np.random.default_rng(0)
+    good = [[rng.gamma(2, 100, (32, 32)).astype(np.float32) for _ in range(2)] for _ in range(3)]
+    bad = [p.copy() for p in good[0]]
+    bad[0][3, 4], bad[0][5, 6], bad[1][0, 0] = np.nan, np.inf, -np.inf
+    (tmp_path / "clean").mkdir()
+    clean = plate_ranges(_plate(tmp_path / "clean", good), ["DNA", "AGP"])
+    fields = _plate(tmp_path, [bad, *good[1:]])
+    with pytest.warns(CellClipWarning, match=r"A01_DNA\.tif: 2 of 1024 pixels are NaN or infinite"):
+        img = read_image(tmp_path / "A01_DNA.tif")
+    assert np.isfinite(img).all() and img[3, 4] == np.nanmin(np.where(np.isfinite(bad[0]), bad[0], np.nan))
+    with pytest.warns(CellClipWarning):
+        r = plate_ranges(fields, ["DNA", "AGP"])["P1"]
+        layers = fields_layer_data(fields)
+    assert np.isfinite(r).all()
+    np.testing.assert_allclose(r, clean["P1"], rtol=0.05)
+    limits = [lim for _, kw, _ in layers for lim in [kw["contrast_limits"]]]
+    assert np.isfinite(np.asarray(limits, dtype=float)).all()
+
+
+def test_all_nan_image_is_an_unreadable_field(tmp_path):
+    import numpy as np
+    import tifffile
+
+    from napari_cellclip.errors import ImageReadError
+    from napari_cellclip.images import read_image
+
+    tifffile.imwrite(tmp_path / "x.tif", np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ImageReadError, match=r"x\.tif: every pixel is NaN"):
+        read_image(tmp_path / "x.tif")
+
+
+def test_a_tiny_first_field_does_not_set_the_plates_shape(tmp_path):
+    import numpy as np
+
+    from napari_cellclip._reader import fields_layer_data
+    from napari_cellclip.errors import CellClipWarning
+
+    rng = np.random.default_rng(1)
+    planes = [[np.ones((1, 1), np.uint16)] * 2] + [[rng.integers(0, 4000, (32, 40), dtype=np.uint16)] * 2
+                                                    for _ in range(4)]
+    layers = fields_layer_data(_plate(tmp_path, planes))
+    data = layers[0][0]
+    assert tuple(data.shape[-2:]) == (32, 40)
+    with pytest.warns(CellClipWarning) as got:
+        frames = np.asarray(data[:, 0])
+    said = " ".join(str(w.message) for w in got)
+    assert "A01" in said and not any(f"A0{i}" in said for i in range(2, 6))
+    assert frames[1:].any(axis=(1, 2)).all() and not frames[0].any()

@@ -148,6 +148,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_override(model, ck, correction: str) -> str | None:
+    """A warning (also returned, for the report) when ``correction`` is not the one the checkpoint
+    was trained with: the model then reads features unlike any it saw."""
+    import warnings
+
+    from napari_cellclip.errors import CellClipWarning
+
+    trained = (getattr(model.config, "feature_correction", None) or {}).get("method") or "none"
+    if correction in ("checkpoint", trained):
+        return None
+    msg = (f"--correction {correction} overrides the {trained!r} correction {ck} was trained with: the model reads "
+           f"features unlike any it was trained on, so the scores measure that mismatch (typically near chance, "
+           f"every well alike), not the model; use --correction checkpoint to evaluate the model itself")
+    warnings.warn(msg, CellClipWarning, stacklevel=3)
+    return msg
+
+
 def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
                         channel_map=None, cell_line=None, correction="checkpoint", device="auto", cache_dir=None,
                         extract_batch_size=8, workers=0, output=None, quiet=False, no_progress=False) -> dict:
@@ -169,6 +186,7 @@ def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platema
     ck = resolve_checkpoint(checkpoint)
     dev = resolve_train_device(device, Dist())
     model = load_model(ck, device=dev)
+    override = _check_override(model, ck, correction)
     fields = fields_for_model(read_training_fields(data, platemap=platemap, barcode_platemap=barcode_platemap,
                                                    annotations=annotations, channel_map=channel_map,
                                                    cell_line=cell_line), model)
@@ -185,6 +203,8 @@ def evaluate_checkpoint(checkpoint, data=None, *, platemap=None, barcode_platema
     rep = evaluate_bags(model, build_well_bags(corr.apply(feats, fields, spec), fields), device=dev,
                         correction_spec=spec, extra={"checkpoint": str(ck)})
     rep["seconds"] = round(time.perf_counter() - t0, 2)
+    if override:
+        rep["correction_override"] = override
     if output:
         write_report(rep, output)
     if not quiet:
