@@ -346,3 +346,47 @@ def test_a_tiny_first_field_does_not_set_the_plates_shape(tmp_path):
     said = " ".join(str(w.message) for w in got)
     assert "A01" in said and not any(f"A0{i}" in said for i in range(2, 6))
     assert frames[1:].any(axis=(1, 2)).all() and not frames[0].any()
+
+
+# ------------------------------------------------------------------ plate paths
+def test_plate_path_that_is_not_utf8_is_a_plate_error(tmp_path, capsys):
+    import os
+    import shutil
+
+    from napari_cellclip.errors import PlateError
+    from napari_cellclip.fields import read_fields
+    from napari_cellclip.plates import read_plate
+    from napari_cellclip.sample import sample_plate_dir
+    from training.__main__ import main
+
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/plate\xff")
+    try:
+        shutil.copytree(sample_plate_dir(), bad)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    for read in (read_fields, read_plate):
+        with pytest.raises(PlateError, match=r"plate\\xff: the path is not valid UTF-8"):
+            read(bad)
+    assert main(["extract", "--data", bad, "--no-progress"]) == 2
+    assert "plate\\xff: the path is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_file_names_that_are_not_utf8_are_skipped_and_named(tmp_path):
+    import os
+    import shutil
+
+    from napari_cellclip.errors import CellClipWarning
+    from napari_cellclip.plates import read_plate
+    from napari_cellclip.sample import sample_plate_dir
+
+    plate = tmp_path / "plate"
+    shutil.copytree(sample_plate_dir(), plate)
+    n = len(read_plate(plate))
+    some = sorted(plate.glob("*.png"))[0]
+    try:
+        shutil.copy(some, os.fsdecode(os.fsencode(str(some.parent)) + b"/x\xfe" + os.fsencode(some.name)))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    with pytest.warns(CellClipWarning, match=r"1 name\(s\) that are not valid UTF-8 skipped.*x\\xfe"):
+        fields = read_plate(plate)
+    assert len(fields) == n
