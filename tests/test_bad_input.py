@@ -390,3 +390,22 @@ def test_file_names_that_are_not_utf8_are_skipped_and_named(tmp_path):
     with pytest.warns(CellClipWarning, match=r"1 name\(s\) that are not valid UTF-8 skipped.*x\\xfe"):
         fields = read_plate(plate)
     assert len(fields) == n
+
+
+# ------------------------------------------------------------------ correction
+def test_one_field_plate_without_controls_says_what_it_does_to_the_results():
+    import numpy as np
+    import pandas as pd
+
+    from napari_cellclip.correction import center_scale
+    from napari_cellclip.errors import CellClipWarning
+
+    fields = pd.DataFrame({"Metadata_Plate": ["P1", "P2", "P3", "P3"], "Metadata_Well": ["A01", "B02", "C03", "C04"],
+                           "Metadata_Site": 1})
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    with pytest.warns(CellClipWarning) as got:
+        y = center_scale(x, fields)
+    said = [str(w.message) for w in got]
+    assert sum("same constant vector" in m for m in said) == 2 and any("P1" in m for m in said)
+    assert any("P3" in m and "plate's average" in m for m in said)
+    assert not y[:2].any()  # what the warning says: those fields are zeroed
