@@ -105,7 +105,7 @@ def restore(output, model, optimizer, scheduler, scaler, *, rank: int) -> tuple[
     previous one is used; when every one is damaged, CheckpointError.  Rank 0 removes the temporary
     folders a killed checkpoint write left behind."""
     if rank == 0:
-        for p in remove_stale_temps(Path(output) / "checkpoints") + remove_stale_temps(output):
+        for p in remove_stale_temps(Path(output) / "checkpoints"):
             warnings.warn(f"removed {p}, left by an interrupted write", CellClipWarning, stacklevel=2)
     damaged = []
     device = next(iter(model.parameters())).device

@@ -219,13 +219,13 @@ class CellCLIPConfig:
 
 
 def _check_has_words(tok, texts: Sequence[str]) -> None:
-    """QueryError for a text that tokenises to nothing the encoder reads (control characters,
-    zero-width spaces, unknown symbols only): it would otherwise be ranked like any prompt."""
-    special = set(tok.all_special_ids)
+    """QueryError for a text that tokenises to nothing (control characters, zero-width spaces
+    only): it would otherwise be ranked like any prompt."""
+    special = set(tok.all_special_ids) - {tok.unk_token_id}  # an unknown word is still a word
     for i, (t, ids) in enumerate(zip(texts, tok(texts, add_special_tokens=False)["input_ids"])):
         if all(x in special for x in ids):
             raise QueryError(f"prompt {i} ({t!r}) has no words the text encoder can read "
-                             "(only spaces, control, zero-width or unknown characters)")
+                             "(only spaces, control or zero-width characters)")
 
 
 def _parse_tuning(tuning: str) -> int | None:
