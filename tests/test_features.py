@@ -324,3 +324,24 @@ def test_plate_ranges_are_cached_by_sampled_file_content(tmp_path, monkeypatch):
     assert calls == [3, 3, 3] and enc.fields == 9
     extract_features(fields, enc, use_cache=False, normalization="plate")
     assert calls == [3, 3, 3, 3, 3]
+
+
+def test_damaged_cache_entry_is_recomputed_and_named(plate, tmp_path):
+    """Issue 12: a flipped bit in a cache entry was served as features; now it fails its checksum,
+    is named in a warning and recomputed (an entry without a checksum is recomputed quietly)."""
+    from napari_cellclip.errors import CellClipWarning
+
+    enc = CountingEncoder()
+    res = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    raw = bytearray(entries[0].read_bytes())
+    raw[len(raw) // 2] ^= 0x04
+    entries[0].write_bytes(bytes(raw))
+    np.save(entries[1], np.load(entries[1]))  # an old-style entry: no checksum
+    with pytest.warns(CellClipWarning, match=f"{entries[0]}.*checksum.*recomputed") as got:
+        res2 = extract_features(plate, enc, cache_dir=tmp_path / "cache")
+    assert not any(str(entries[1]) in str(w.message) for w in got)
+    assert res2.n_encoded == 2 and res2.n_cached == N_FIELDS - 2
+    np.testing.assert_allclose(res2.features, res.features, atol=1e-6)
+    res3 = extract_features(plate, enc, cache_dir=tmp_path / "cache")  # both rewritten with checksums
+    assert res3.n_cached == N_FIELDS

@@ -251,3 +251,40 @@ def test_plate_ranges_are_sampled_once_per_job(plate, checkpoint, tmp_path, monk
     pipeline.run_job(plate, ck, tmp_path / "a", shard_size=4, workers=0, device="cpu", quiet=True, **opt)
     pipeline.run_job(plate, ck, tmp_path / "b", shard_size=4, workers=0, device="cpu", quiet=True, **opt)
     assert calls == [6, 6, 6, 6]
+
+
+def test_damaged_shards_are_detected_and_computed_again(plate, checkpoint, reference, tmp_path):
+    """Issue 12: a shard cut short (which made every --resume crash) or with one flipped bit (which was
+    served as data) fails its checksum on resume, is named in a warning and is computed again."""
+    from napari_cellclip.errors import CellClipWarning
+
+    out = tmp_path / "job"
+    pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=0, device="cpu", quiet=True, **OPT)
+    cut = out / "shards" / "features" / "shard-00001.npy"
+    cut.write_bytes(cut.read_bytes()[:200])
+    flip = out / "shards" / "embeddings" / "unit-00000.npy"
+    raw = bytearray(flip.read_bytes())
+    raw[200] ^= 0x10  # inside the array data: np.load alone would serve it
+    flip.write_bytes(bytes(raw))
+    with pytest.warns(CellClipWarning) as got:
+        s = pipeline.run_job(plate, checkpoint, out, shard_size=2, batch_size=2, workers=0, device="cpu",
+                             resume=True, quiet=True, **OPT)
+    said = [str(w.message) for w in got if "damaged" in str(w.message)]
+    assert any("features shard 1" in m and str(cut) in m for m in said), said
+    assert any("embeddings shard 0" in m and str(flip) in m for m in said), said
+    assert s["shards_computed"] == 1 and s["units_computed"] == 1
+    st = EmbeddingStore.load(out)
+    np.testing.assert_array_equal(st.embeddings, reference.embeddings)
+
+
+def test_damaged_shard_read_later_is_an_error_not_data(plate, checkpoint, tmp_path):
+    from napari_cellclip.errors import CorruptFileError
+
+    out = tmp_path / "job"
+    pipeline.run_job(plate, checkpoint, out, shard_size=4, batch_size=2, workers=0, device="cpu", quiet=True, **OPT)
+    f = out / "shards" / "features" / "shard-00000.npy"
+    raw = bytearray(f.read_bytes())
+    raw[-40] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError, match="shard-00000.npy.*checksum"):
+        pipeline._read_part(out, "features", 0)

@@ -16,9 +16,11 @@ import json
 import os
 import sys
 
-from napari_cellclip.cli import CELL_LINE_HELP, HelpFormatter, add_checkpoint_arg, add_data_args, add_run_args
+from napari_cellclip.cli import (CELL_LINE_HELP, HelpFormatter, add_checkpoint_arg, add_data_args, add_run_args,
+                                 output_dir)
 
 from .config import LOSSES
+from .config import option_type as _t
 from .loop import DEFAULT_OUTPUT, FIT_DEFAULTS
 
 D = FIT_DEFAULTS
@@ -53,7 +55,7 @@ def _fit_parser(sub) -> None:
     _common(f, fit=True)
     f.add_argument("--val-plate", action="append", metavar="PLATE",
                    help="hold out this plate for validation (repeat for several)")
-    f.add_argument("--output", "-o", default=DEFAULT_OUTPUT, metavar="DIR",
+    f.add_argument("--output", "-o", default=DEFAULT_OUTPUT, metavar="DIR", type=output_dir,
                    help="run folder: checkpoints/, the final model/, metrics.jsonl")
     m = f.add_argument_group("model")
     m.add_argument("--encoder", default=D["encoder"], help=ENCODER_HELP)
@@ -67,57 +69,63 @@ def _fit_parser(sub) -> None:
     m.add_argument("--loss", default=D["loss"], choices=list(LOSSES),
                    help="contrastive loss; cloob: Hopfield retrieval + InfoLOOB (Fürst et al. 2022), beta 14.3 "
                         "as in CellCLIP")
-    m.add_argument("--embed-dim", type=int, default=D["embed_dim"], help="width of the shared image-text space")
-    m.add_argument("--vision-layers", type=int, default=D["vision_layers"],
+    m.add_argument("--embed-dim", type=_t("embed_dim"), default=D["embed_dim"],
+                   help="width of the shared image-text space")
+    m.add_argument("--vision-layers", type=_t("vision_layers"), default=D["vision_layers"],
                    help="transformer layers of the CrossChannelFormer")
-    m.add_argument("--vision-heads", type=int, default=D["vision_heads"],
+    m.add_argument("--vision-heads", type=_t("vision_heads"), default=D["vision_heads"],
                    help="attention heads of the CrossChannelFormer (lowered until it divides the feature width)")
     m.add_argument("--pooling", default=D["pooling"], choices=["attention", "mean"],
                    help="how a well's fields are pooled: gated attention (multi-instance) or their mean")
-    m.add_argument("--context-length", type=int, default=D["context_length"],
+    m.add_argument("--context-length", type=_t("context_length"), default=D["context_length"],
                    help="longest prompt in tokens (longer ones are cut)")
     m.add_argument("--correction", default=D["correction"], choices=["none", "center_scale", "tvn"],
                    help="plate-effect correction of the frozen features on each plate's negative controls")
     _optimisation_args(f)
     c = f.add_argument_group("checkpoints")
-    c.add_argument("--save-every", type=int, default=D["save_every"], help="checkpoint every N steps (0: at the end)")
-    c.add_argument("--keep", type=int, default=D["keep"], help="checkpoints kept")
-    c.add_argument("--log-every", type=int, default=D["log_every"], help="write a metrics line every N steps")
-    c.add_argument("--eval-every", type=int, default=D["eval_every"],
+    c.add_argument("--save-every", type=_t("save_every"), default=D["save_every"],
+                   help="checkpoint every N steps (0: at the end)")
+    c.add_argument("--keep", type=_t("keep"), default=D["keep"], help="checkpoints kept")
+    c.add_argument("--log-every", type=_t("log_every"), default=D["log_every"],
+                   help="write a metrics line every N steps")
+    c.add_argument("--eval-every", type=_t("eval_every"), default=D["eval_every"],
                    help="validate every N epochs (0: at the end only)")
     c.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    c.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+    c.add_argument("--stop-after-steps", type=_t("stop_after_steps"), default=None, metavar="N",
                    help="checkpoint and stop after N steps (resume later with --resume)")
 
 
 def _optimisation_args(f) -> None:
     o = f.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=D["epochs"], help="passes over the training wells")
-    o.add_argument("--batch-size", type=int, default=D["batch_size"],
+    o.add_argument("--epochs", type=_t("epochs"), default=D["epochs"], help="passes over the training wells")
+    o.add_argument("--batch-size", type=_t("batch_size"), default=D["batch_size"],
                    help="wells per training step and process (capped at the number of wells; with --batching "
                         "distinct, at the number of distinct prompts)")
     o.add_argument("--batching", default=D["batching"], choices=["multipositive", "distinct"],
                    help="multipositive: shuffled batches, prompts may repeat, same-prompt wells are "
                         "positives of each other in the loss (both directions); distinct: batches of "
                         "pairwise distinct prompts")
-    o.add_argument("--lr", type=float, default=D["lr"], help="peak learning rate (AdamW)")
-    o.add_argument("--text-lr", type=float, default=None, help="learning rate of the text encoder (default: --lr)")
-    o.add_argument("--weight-decay", type=float, default=D["weight_decay"],
+    o.add_argument("--lr", type=_t("lr"), default=D["lr"], help="peak learning rate (AdamW)")
+    o.add_argument("--text-lr", type=_t("text_lr"), default=None,
+                   help="learning rate of the text encoder (default: --lr)")
+    o.add_argument("--weight-decay", type=_t("weight_decay"), default=D["weight_decay"],
                    help="AdamW weight decay (not on norms, biases and the logit scale)")
-    o.add_argument("--warmup", type=float, default=D["warmup"], help="warm-up steps (below 1: a fraction of all steps)")
-    o.add_argument("--min-lr-ratio", type=float, default=D["min_lr_ratio"],
+    o.add_argument("--warmup", type=_t("warmup"), default=D["warmup"],
+                   help="warm-up steps (below 1: a fraction of all steps)")
+    o.add_argument("--min-lr-ratio", type=_t("min_lr_ratio"), default=D["min_lr_ratio"],
                    help="learning rate at the end of the cosine decay, as a fraction of --lr")
-    o.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="max gradient norm (0: off)")
+    o.add_argument("--grad-clip", type=_t("grad_clip"), default=D["grad_clip"], help="max gradient norm (0: off)")
     o.add_argument("--precision", default=D["precision"], choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto: bf16 on CUDA, fp32 elsewhere (default)")
-    o.add_argument("--dist-timeout", type=float, default=D["dist_timeout"], metavar="MINUTES",
+    o.add_argument("--dist-timeout", type=_t("dist_timeout"), default=D["dist_timeout"], metavar="MINUTES",
                    help="under torchrun: how long a rank may wait for the others (feature extraction, "
                         "validation, checkpoints) before the run is aborted")
-    o.add_argument("--seed", type=int, default=D["seed"], help="seed of the model, the batches and the augmentation")
-    o.add_argument("--bag-min-fields", type=int, default=D["bag_min_fields"],
+    o.add_argument("--seed", type=_t("seed"), default=D["seed"],
+                   help="seed of the model, the batches and the augmentation")
+    o.add_argument("--bag-min-fields", type=_t("bag_min_fields"), default=D["bag_min_fields"],
                    help="augmentation: each step a well's bag is a random subset of at least this many of "
                         "its fields (0: off, always all fields)")
-    o.add_argument("--bag-max-fields", type=int, default=None,
+    o.add_argument("--bag-max-fields", type=_t("bag_max_fields"), default=None,
                    help="augmentation: bags of a random subset of at most this many fields (default: all)")
 
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from napari_cellclip._fsutil import atomic_dir, atomic_write_text
+from napari_cellclip._fsutil import atomic_dir, atomic_write_text, remove_stale_temps
 from napari_cellclip.checkpoints import LATEST, TRAINING_STATE, latest_checkpoint, load_weights
-from napari_cellclip.errors import CheckpointError
+from napari_cellclip.errors import CellClipWarning, CheckpointError
 
-__all__ = ["save_checkpoint", "load_training_state", "rng_state", "set_rng_state", "restore"]
+__all__ = ["save_checkpoint", "load_training_state", "rng_state", "set_rng_state", "restore",
+           "resume_candidates"]
 
 
 def rng_state() -> dict:
@@ -86,20 +88,44 @@ def load_training_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read {TRAINING_STATE} ({exc})") from None
 
 
+def resume_candidates(output) -> list[Path]:
+    """The checkpoints of ``output`` to resume from, best first: ``latest``, then newest to oldest."""
+    ck = Path(output) / "checkpoints"
+    first = latest_checkpoint(output)
+    rest = sorted((p for p in ck.glob("checkpoint-*") if (p / TRAINING_STATE).is_file() and p != first),
+                  reverse=True)
+    return ([first] if first else []) + rest
+
+
 def restore(output, model, optimizer, scheduler, scaler, *, rank: int) -> tuple[Path, int, int, int] | None:
-    """Load the latest checkpoint of ``output`` into the model, optimizer, scheduler, scaler and
-    RNGs → ``(checkpoint, step, epoch, batch position in the epoch)``; None when there is none."""
-    ck = latest_checkpoint(output)
-    if ck is None:
-        return None
-    st = load_training_state(ck)
+    """Load the newest readable checkpoint of ``output`` into the model, optimizer, scheduler, scaler
+    and RNGs → ``(checkpoint, step, epoch, batch position in the epoch)``; None when there is none.
+
+    A damaged checkpoint (truncated weights or state, NaN weights) is named in a warning and the
+    previous one is used; when every one is damaged, CheckpointError.  Rank 0 removes the temporary
+    folders a killed checkpoint write left behind."""
+    if rank == 0:
+        for p in remove_stale_temps(Path(output) / "checkpoints"):
+            warnings.warn(f"removed {p}, left by an interrupted write", CellClipWarning, stacklevel=2)
+    damaged = []
     device = next(iter(model.parameters())).device
-    load_weights(model, ck)
-    model.to(device)
-    optimizer.load_state_dict(st["optimizer"])
-    scheduler.load_state_dict(st["scheduler"])
-    if st.get("scaler"):
-        scaler.load_state_dict(st["scaler"])
-    rank_rng = st.get("rank_rng")
-    set_rng_state(rank_rng[rank] if rank_rng and rank < len(rank_rng) else st["rng"])
-    return ck, int(st["step"]), int(st["sampler"]["epoch"]), int(st["sampler"]["start"])
+    for ck in resume_candidates(output):
+        try:
+            st = load_training_state(ck)
+            load_weights(model, ck)
+        except CheckpointError as exc:
+            damaged.append(ck.name)
+            warnings.warn(f"{ck} is damaged and is skipped: {exc}", CellClipWarning, stacklevel=2)
+            continue
+        model.to(device)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
+        rank_rng = st.get("rank_rng")
+        set_rng_state(rank_rng[rank] if rank_rng and rank < len(rank_rng) else st["rng"])
+        return ck, int(st["step"]), int(st["sampler"]["epoch"]), int(st["sampler"]["start"])
+    if damaged:
+        raise CheckpointError(f"{Path(output) / 'checkpoints'}: no checkpoint can be resumed from "
+                              f"({', '.join(damaged)} damaged); run without --resume to start again")
+    return None

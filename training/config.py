@@ -8,12 +8,51 @@ from dataclasses import dataclass
 from napari_cellclip.errors import CellClipError
 from napari_cellclip.losses import LOSSES
 
-__all__ = ["FitConfig", "FIT_DEFAULTS", "DEFAULT_OUTPUT", "PRECISIONS", "LOSSES"]
+__all__ = ["FitConfig", "FIT_DEFAULTS", "DEFAULT_OUTPUT", "PRECISIONS", "LOSSES", "RANGES", "option_type"]
 
 DEFAULT_OUTPUT = "checkpoints/cellclip-lincs-sample"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: old keyword names fit() still takes
 _ALIASES = {"num_workers": "workers"}
+#: numeric option → (int or float, lowest, highest, strictly above lowest); None: no bound.  Checked by
+#: FitConfig (the Python API) and by the command line (:func:`option_type`), with the same words.
+RANGES = {
+    "extract_batch_size": (int, 1, 1 << 20, False), "workers": (int, 0, 1024, False),
+    "embed_dim": (int, 1, 16384, False), "vision_layers": (int, 0, 256, False),
+    "vision_heads": (int, 1, 1024, False), "context_length": (int, 2, 8192, False),
+    "epochs": (int, 1, 10**7, False), "batch_size": (int, 1, 1 << 20, False),
+    "lr": (float, 0.0, None, True), "text_lr": (float, 0.0, None, True),
+    "weight_decay": (float, 0.0, None, False), "warmup": (float, 0.0, None, False),
+    "min_lr_ratio": (float, 0.0, 1.0, False), "grad_clip": (float, 0.0, None, False),
+    "seed": (int, 0, 2**32 - 1, False), "bag_min_fields": (int, 0, None, False),
+    "bag_max_fields": (int, 1, None, False),
+    "eps": (float, 0.0, 1.0, True), "save_every": (int, 0, None, False), "keep": (int, 0, None, False),
+    "log_every": (int, 0, None, False), "eval_every": (int, 0, None, False), "stop_after_steps": (int, 1, None, False),
+    "dist_timeout": (float, 0.0, None, True),
+}
+
+
+def option_type(name: str):
+    """The argparse ``type=`` of the numeric fit option ``name`` (its :data:`RANGES`)."""
+    from napari_cellclip.cli import number
+
+    kind, lo, hi, above = RANGES[name]
+    return number(kind, lo, hi, above=above)
+
+
+def _check_ranges(cfg) -> None:
+    from napari_cellclip.cli import check_number
+
+    for name, (kind, lo, hi, above) in RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        try:
+            setattr(cfg, name, check_number(value, kind, lo, hi, above=above))
+        except ValueError as exc:
+            raise CellClipError(f"--{name.replace('_', '-')}: {exc}") from None
+    if cfg.bag_max_fields is not None and cfg.bag_max_fields < cfg.bag_min_fields:
+        raise CellClipError(f"--bag-max-fields {cfg.bag_max_fields} is below --bag-min-fields {cfg.bag_min_fields}")
 
 
 @dataclass
@@ -74,6 +113,7 @@ class FitConfig:
     quiet: bool = False
 
     def __post_init__(self):
+        from napari_cellclip.cli import check_output_dir
         from napari_cellclip.images import check_normalization
 
         from .data import BATCHINGS
@@ -85,10 +125,8 @@ class FitConfig:
         self.normalization = check_normalization(self.normalization)
         if self.batching not in BATCHINGS:
             raise CellClipError(f"unknown batching {self.batching!r}; choose {' or '.join(BATCHINGS)}")
-        if not float(self.dist_timeout) > 0:
-            raise CellClipError(f"--dist-timeout must be a positive number of minutes, got {self.dist_timeout!r}")
-        if int(self.epochs) < 1 or int(self.batch_size) < 1:
-            raise CellClipError("--epochs and --batch-size must be at least 1")
+        _check_ranges(self)
+        check_output_dir(self.output)
         if isinstance(self.val_plate, str):
             self.val_plate = [self.val_plate]
         if isinstance(self.data, (str, bytes)) or hasattr(self.data, "__fspath__"):

@@ -153,6 +153,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_override(model, ck, correction: str) -> str | None:
+    """A warning (also returned, for the report) when ``correction`` is not the one the checkpoint
+    was trained with: the model then reads features unlike any it saw."""
+    import warnings
+
+    from napari_cellclip.errors import CellClipWarning
+
+    trained = (getattr(model.config, "feature_correction", None) or {}).get("method") or "none"
+    if correction in ("checkpoint", trained):
+        return None
+    msg = (f"--correction {correction} overrides the {trained!r} correction {ck} was trained with: the model reads "
+           f"features unlike any it was trained on, so the scores measure that mismatch (typically near chance, "
+           f"every well alike), not the model; use --correction checkpoint to evaluate the model itself")
+    warnings.warn(msg, CellClipWarning, stacklevel=3)
+    return msg
+
+
 @dataclasses.dataclass
 class EvaluationData:
     """What judging a checkpoint on plates needs: the model, the plates' corrected frozen features
@@ -166,6 +183,7 @@ class EvaluationData:
     encoder: object
     correction: dict | None
     wells: object
+    correction_override: str | None = None  # the warning when ``correction`` is not the checkpoint's
 
 
 def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=None, annotations=None,
@@ -186,6 +204,7 @@ def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=No
     ck = resolve_checkpoint(checkpoint)
     dev = resolve_train_device(device, Dist())
     model = load_model(ck, device=dev)
+    override = _check_override(model, ck, correction)
     fields = fields_for_model(read_training_fields(data, platemap=platemap, barcode_platemap=barcode_platemap,
                                                    annotations=annotations, channel_map=channel_map,
                                                    cell_line=cell_line), model)
@@ -200,7 +219,7 @@ def load_evaluation(checkpoint, data=None, *, platemap=None, barcode_platemap=No
         if spec and spec["method"] == "tvn":
             spec = corr.fit(feats, fields, spec)
     feats = corr.apply(feats, fields, spec)
-    return EvaluationData(model, ck, dev, feats, fields, enc, spec, build_well_bags(feats, fields))
+    return EvaluationData(model, ck, dev, feats, fields, enc, spec, build_well_bags(feats, fields), override)
 
 
 def evaluate_checkpoint(checkpoint, data=None, *, output=None, metrics=("retrieval",), profiling=None,
@@ -231,6 +250,8 @@ def evaluate_checkpoint(checkpoint, data=None, *, output=None, metrics=("retriev
 
             rep["profiling"] = model_report(ev, metrics, **(profiling or {}))
     rep["seconds"] = round(time.perf_counter() - t0, 2)
+    if ev.correction_override:
+        rep["correction_override"] = ev.correction_override
     if output:
         write_report(rep, output)
     if not load.get("quiet"):

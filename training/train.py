@@ -132,12 +132,28 @@ def setup(cfg: FitConfig, data: TrainingData, dist: Dist, device, say) -> Run:
     return run
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines up to the step resumed from: the steps after it are run (and logged)
+    again, and a line cut short by a kill is dropped."""
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def _start_logs(run: Run) -> None:
     if run.dist.main:
         run.output.mkdir(parents=True, exist_ok=True)
         metrics = run.output / "metrics.jsonl"
         if not run.cfg.resume and metrics.exists():
             metrics.unlink()
+        elif metrics.exists():
+            _trim_metrics(metrics, run.step)
         atomic_write_text(run.output / "train_args.json", json.dumps(run.train_args, indent=2, default=str))
 
 

@@ -8,7 +8,10 @@ final name.  Writers that need a path (pandas, faiss, safetensors, ``np.save``) 
 / :func:`atomic_save_npy`; folders use :func:`atomic_dir`; a writer that fills a file over
 time (a memory-mapped array) takes a :func:`temp_path` and calls :func:`publish` or
 :func:`discard`.  :func:`publish` is the single point where a finished temporary becomes
-visible, so a content checksum (or an fsync) added there covers every write.  Logs that grow a
+visible, so an fsync added there covers every write.  Arrays written by :func:`atomic_save_npy`
+(feature-cache entries, job shards) end with a content checksum (a trailer after the array data,
+which ``np.load`` ignores) that :func:`load_npy` checks on read: a flipped bit or a cut-short file
+is a :class:`~napari_cellclip.errors.CorruptFileError`, never data.  Logs that grow a
 line at a time (``metrics.jsonl``) go through :func:`append_text`; scratch files a process
 maps and removes itself take a :func:`temp_path`.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -24,7 +28,10 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["append_text", "atomic_dir", "atomic_file", "atomic_save_npy", "atomic_write_bytes", "atomic_write_text",
-           "discard", "file_digest", "publish", "temp_path"]
+           "discard", "file_digest", "load_npy", "publish", "remove_stale_temps", "temp_path", "verify_npy"]
+
+#: the names :func:`temp_path` gives (``.<final name>.<kind>-<8 hex digits>``)
+_TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 
 
 def temp_path(final, kind: str = "tmp") -> Path:
@@ -44,6 +51,16 @@ def publish(tmp: Path, final) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Remove the temporaries a killed writer left in ``folder`` (not recursive) → what was removed.
+    Call it only where no other process is writing into ``folder``."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name)] if folder.is_dir() else []
+    for p in stale:
+        discard(p)
+    return stale
 
 
 def discard(tmp: Path) -> None:
@@ -112,15 +129,80 @@ def append_text(path, text: str, encoding: str = "utf-8") -> Path:
     return path
 
 
+#: the trailer of a checksummed .npy: magic + blake2b-16 of every byte before it
+_SUM_MAGIC = b"\x93CCSUM1\x00"
+_SUM_SIZE = len(_SUM_MAGIC) + 16
+
+
+class _HashingWriter:
+    """A file wrapper that digests what is written (``np.save`` writes to it chunk by chunk)."""
+
+    def __init__(self, fh):
+        self.fh, self.h = fh, hashlib.blake2b(digest_size=16)
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.fh.write(data)
+
+
 def atomic_save_npy(path, array) -> Path:
-    """``np.save`` (never pickling) to ``path`` atomically; returns the path."""
+    """``np.save`` (never pickling) to ``path`` atomically, with a checksum trailer; returns the path."""
     import numpy as np
 
     path = Path(path)
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(array), allow_pickle=False)
+            out = _HashingWriter(fh)
+            np.save(out, np.asarray(array), allow_pickle=False)
+            fh.write(_SUM_MAGIC + out.h.digest())
     return path
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_npy(path) -> None:
+    """CorruptFileError unless ``path`` ends with the checksum of its contents (see the module doc);
+    a file verified once is not read again while its size and mtime stay."""
+    from .errors import CorruptFileError
+
+    path = Path(path)
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo in _VERIFIED:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(max(0, st.st_size - _SUM_SIZE))
+        tail = fh.read(_SUM_SIZE)
+        if len(tail) < _SUM_SIZE or not tail.startswith(_SUM_MAGIC):
+            raise CorruptFileError(path, "no content checksum (cut short, or written by an older version)",
+                                   unverified=True)
+        stored = tail[len(_SUM_MAGIC):]
+        fh.seek(0)
+        h, left = hashlib.blake2b(digest_size=16), st.st_size - _SUM_SIZE
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 22))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    if h.digest() != stored:
+        raise CorruptFileError(path, "contents do not match their checksum (damaged on disk)")
+    _VERIFIED.add(memo)
+
+
+def load_npy(path, *, mmap: bool = False):
+    """``np.load`` of a file :func:`atomic_save_npy` wrote, after :func:`verify_npy`; never unpickles.
+    CorruptFileError when it fails its checksum; OSError when it cannot be read."""
+    import numpy as np
+
+    from .errors import CorruptFileError
+
+    verify_npy(path)
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, EOFError) as exc:
+        raise CorruptFileError(path, f"not a readable array ({exc})") from None
 
 
 _DIGEST_MEMO: dict[tuple[str, int, int], str] = {}

@@ -334,30 +334,30 @@ def _lazy_fields(rows: list, stains: list, shape: tuple, dtype, level: int):
 
 
 def _display_sample(fields, stains, source: str) -> list[np.ndarray]:
-    """Up to :data:`DISPLAY_SAMPLE_FIELDS` readable fields, spread through the plate, the first
-    readable one first (it fixes the layers' shape and dtype)."""
+    """Up to :data:`DISPLAY_SAMPLE_FIELDS` readable fields spread through the plate, all of the shape
+    most of the looked-at fields have (so one odd field, e.g. a 1×1 first one, cannot set the
+    plate's shape and blank the good ones); the first of them first (it fixes shape and dtype)."""
+    from collections import Counter
+
     from .errors import ImageReadError
     from .images import load_field
 
-    first, last_exc = None, None
-    for i in range(min(len(fields), 8)):
+    n, read, last_exc = len(fields), [], None
+    for i in sorted(set(range(min(n, 4))) | {n // 4, n // 2, (3 * n) // 4, n - 1}):
         try:
-            first = load_field(fields.iloc[i], stains)
-            break
+            read.append(load_field(fields.iloc[i], stains))
         except ImageReadError as exc:
             last_exc = exc
-    if first is None:
-        raise last_exc or ImageReadError(source or "<plate>", "no readable field")
-    sample = [first]
-    n = len(fields)
-    for i in sorted({n // 2, n - 1} - {0})[: DISPLAY_SAMPLE_FIELDS - 1]:
+    for i in range(4, min(n, 8)) if not read else ():
         try:
-            img = load_field(fields.iloc[i], stains)
-        except ImageReadError:
-            continue
-        if img.shape == first.shape:
-            sample.append(img)
-    return sample
+            read.append(load_field(fields.iloc[i], stains))
+        except ImageReadError as exc:
+            last_exc = exc
+    if not read:
+        raise last_exc or ImageReadError(source or "<plate>", "no readable field")
+    counts = Counter(img.shape for img in read)
+    shape = max(counts, key=lambda s: (counts[s], s[-1] * s[-2]))
+    return [img for img in read if img.shape == shape][:DISPLAY_SAMPLE_FIELDS]
 
 
 def display_limits(sample: Sequence[np.ndarray], dtype) -> list[tuple[float, float]]:

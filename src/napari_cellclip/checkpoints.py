@@ -203,12 +203,59 @@ def _read_state(path: Path) -> tuple[dict, dict, bool]:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: cannot read weights ({exc})") from None
+    _check_finite(weights, state)
     extra = {k[len(EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(EXTRA_PREFIX)}
     state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX) and not _BENIGN_KEYS.match(k)}
     renamed = "bias" in state and "logit_bias" not in state  # reference name of the SigLIP bias
     if renamed:
         state["logit_bias"] = state.pop("bias")
     return state, extra, renamed
+
+
+def _check_finite(weights: Path, state: Mapping) -> None:
+    """CheckpointError naming the tensors holding NaN or ±inf (a diverged or damaged checkpoint
+    would otherwise embed everything to NaN)."""
+    import torch
+
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{weights}: NaN or infinite values in {', '.join(bad[:5])}{more} "
+                              "(a diverged training run or a damaged file); use an earlier checkpoint")
+
+
+def _check_sizes(path: Path, config, state: Mapping) -> None:
+    """Before anything is built: the sizes config.json gives must be those of the weights on disk
+    (a config with absurd sizes would otherwise allocate them first)."""
+    want = {"visual.channel_embed": (config.input_channels, config.vision_width),
+            "visual.proj": (config.vision_width, config.embed_dim)}
+    for key, shape in want.items():
+        got = tuple(state[key].shape) if key in state else None
+        if got != shape:
+            raise CheckpointError(f"{path / CONFIG_NAME} does not describe {path / WEIGHTS_NAME}: {key} should be "
+                                  f"{shape} by the config but is {got if got else 'missing'} in the weights")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k))}
+    want_layers = set(range(config.vision_layers))
+    if layers != want_layers:
+        odd = min(want_layers - layers) if want_layers - layers else max(layers - want_layers)
+        what = "missing" if odd in want_layers else "unexpected"
+        key = f"visual.transformer.resblocks.{odd}.attn.in_proj_weight"
+        raise CheckpointError(f"{path / CONFIG_NAME}: vision_layers is {config.vision_layers} but "
+                              f"{path / WEIGHTS_NAME} holds {len(layers)} vision layers ({key} {what})")
+
+
+def _check_text_size(path: Path, tcfg, state: Mapping) -> None:
+    """The text encoder config must not describe a model far larger than the ``text.*`` weights."""
+    hidden, layers = getattr(tcfg, "hidden_size", None), getattr(tcfg, "num_hidden_layers", None)
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers)):
+        return
+    inner = getattr(tcfg, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(tcfg, "vocab_size", 0) or 0
+    wanted = layers * (4 * hidden * hidden + 2 * hidden * inner) + vocab * hidden
+    held = sum(t.numel() for k, t in state.items() if k.startswith("text."))
+    if wanted > 2 * held + 10**6:
+        raise CheckpointError(f"{path}: the text encoder config (hidden_size {hidden}, {layers} layers, vocabulary "
+                              f"{vocab}) describes ~{wanted:.3g} weights but {WEIGHTS_NAME} holds {held:.3g}")
 
 
 def _text_config(path: Path, state: Mapping, text_config):
@@ -240,9 +287,12 @@ def read_model(path, device=None, *, tokenizer=None, text_config=None):
         raise CheckpointError(f"{path}: not a checkpoint folder")
     config = CellCLIPConfig.from_json_file(path / CONFIG_NAME)
     state, extra, renamed_bias = _read_state(path)
+    _check_sizes(path, config, state)
     if renamed_bias:
         config.extras["use_bias"] = True
-    text_model = AutoModel.from_config(_text_config(path, state, text_config))
+    tcfg = _text_config(path, state, text_config)
+    _check_text_size(path, tcfg, state)
+    text_model = AutoModel.from_config(tcfg)
     if tokenizer is None and (path / TEXT_DIR / "tokenizer_config.json").is_file():
         tokenizer = str(path / TEXT_DIR)
     model = CellCLIP(config, text_model=text_model, tokenizer=None)

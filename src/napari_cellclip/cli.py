@@ -11,9 +11,11 @@ does not already say what the default is.
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
 __all__ = ["HelpFormatter", "add_data_args", "add_checkpoint_arg", "add_run_args", "add_alias",
-           "fields_from_args", "CELL_LINE_HELP"]
+           "fields_from_args", "CELL_LINE_HELP", "check_number", "number", "output_dir", "check_output_dir"]
 
 CELL_LINE_HELP = "cell line named in the prompts, e.g. A549 (default: the one the checkpoint was trained on)"
 
@@ -30,6 +32,61 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or action.nargs == 0:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def check_number(value, kind=int, lo=None, hi=None, *, above: bool = False):
+    """``value`` as ``kind`` (int or float) within [lo, hi] (``above``: strictly above ``lo``);
+    ValueError saying what is wrong otherwise.  NaN and ±inf are never accepted."""
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        v = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"{value!r} is not a finite number")
+    if lo is not None and (v <= lo if above else v < lo):
+        raise ValueError(f"{value!r} must be {'above' if above else 'at least'} {lo}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{value!r} must be at most {hi}")
+    return v
+
+
+def number(kind=int, lo=None, hi=None, *, above: bool = False):
+    """An argparse ``type=`` accepting :func:`check_number`'s range: a bad value is argparse's
+    one-line ``error: argument --x: ...`` and exit status 2."""
+
+    def parse(text: str):
+        try:
+            return check_number(text, kind, lo, hi, above=above)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def check_output_dir(path) -> Path:
+    """``path`` as an output folder: CellClipError when it is an existing file (or under one)."""
+    from .errors import CellClipError
+
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is" if q == p else f"lies under {q}, which is"
+                raise CellClipError(f"output {path}: {where} a file, not a folder")
+            break
+    return p
+
+
+def output_dir(text: str) -> str:
+    """argparse ``type=`` of an output folder (see :func:`check_output_dir`)."""
+    try:
+        check_output_dir(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_alias(parser, flag: str, dest: str, **kw) -> None:
@@ -73,12 +130,13 @@ def add_run_args(parser, *, batch_help: str, batch_default: int, workers_help: s
 
     g = parser.add_argument_group("running")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
-    g.add_argument("--workers", type=int, default=workers_default, metavar="N", help=workers_help)
-    add_alias(g, "--num-workers", "workers", type=int)
+    workers, batch = number(int, 0, 1024), number(int, 1, 1 << 20)
+    g.add_argument("--workers", type=workers, default=workers_default, metavar="N", help=workers_help)
+    add_alias(g, "--num-workers", "workers", type=workers)
     dest = batch_flag.lstrip("-").replace("-", "_")
-    g.add_argument(batch_flag, type=int, default=batch_default, metavar="N", help=batch_help)
+    g.add_argument(batch_flag, type=batch, default=batch_default, metavar="N", help=batch_help)
     for flag in batch_aliases:
-        add_alias(g, flag, dest, type=int)
+        add_alias(g, flag, dest, type=batch)
     g.add_argument("--cache-dir", metavar="DIR",
                    help=cache_help or "feature cache folder, shared with the plugin and training "
                                       "(default: $NAPARI_CELLCLIP_CACHE or ~/.cache/napari-cellclip/features)")

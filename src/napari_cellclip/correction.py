@@ -131,6 +131,15 @@ def _scale_from_std(std: np.ndarray, eps: float) -> np.ndarray:
     return np.maximum(std, max(eps, 1e-3 * typical)).astype(np.float32)
 
 
+def _no_controls_message(plate, n: int) -> str:
+    if n == 1:
+        return (f"plate {plate}: one field and no negative-control (DMSO) fields: centring it on itself sets its "
+                "features to zero, so it embeds to the same constant vector as every such plate and every query "
+                "scores it the same; annotate its negative controls (--platemap) or embed it with its whole plate")
+    return (f"plate {plate}: no negative-control (DMSO) fields; centring and scaling on all its {n} fields "
+            "instead, so its fields are compared with the plate's average, not with DMSO")
+
+
 def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
                  warn: bool = True) -> np.ndarray:
     """Per plate: ``(x - mean_ctrl) / std_ctrl`` with that plate's negative controls."""
@@ -143,9 +152,7 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
         ref = rows[ctrl[rows]]
         if ref.size == 0:
             if warn:
-                warnings.warn(
-                    f"plate {plate}: no negative-control (DMSO) fields; centring and scaling "
-                    "on all its fields instead", CellClipWarning, stacklevel=3)
+                warnings.warn(_no_controls_message(plate, rows.size), CellClipWarning, stacklevel=3)
             ref = rows
         xr = x[ref].astype(np.float64)
         mu = xr.mean(axis=0)

@@ -25,6 +25,17 @@ class ImageReadError(CellClipError):
         super().__init__(f"{path}: {message}")
 
 
+class CorruptFileError(CellClipError):
+    """A file napari-cellclip wrote (a feature-cache entry, a job shard) fails its content checksum.
+
+    ``unverified``: the file carries no checksum at all (written by an older version, or cut short
+    before it)."""
+
+    def __init__(self, path, message: str, *, unverified: bool = False):
+        self.path, self.unverified = str(path), unverified
+        super().__init__(f"{path}: {message}")
+
+
 class MetadataError(CellClipError):
     """Platemap / annotation tables do not cover the fields or are malformed."""
 

@@ -42,8 +42,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._fsutil import atomic_save_npy, atomic_write_text
-from .errors import Cancelled, CellClipError, CellClipWarning, ImageReadError
+from ._fsutil import atomic_save_npy, atomic_write_text, load_npy
+from .errors import Cancelled, CellClipError, CellClipWarning, CorruptFileError, ImageReadError
 from .images import NORM_HIGH, NORM_LOW
 
 _KEY_VERSION = "features-v1"
@@ -143,10 +143,16 @@ def _entry_path(folder: Path, key: str) -> Path:
 
 
 def _load_entry(path: Path, shape: tuple) -> np.ndarray | None:
+    """The cached array, or None to recompute (and overwrite) it: missing, damaged (said in a
+    warning), without a checksum, or of another shape."""
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None  # missing or unreadable entry: recompute (and overwrite)
+        arr = load_npy(path)
+    except CorruptFileError as exc:
+        if not exc.unverified:
+            warnings.warn(f"feature cache entry {exc}; recomputed", CellClipWarning, stacklevel=2)
+        return None
+    except OSError:
+        return None
     if arr.shape != tuple(shape) or arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
         return None
     return arr

@@ -71,6 +71,7 @@ def _read_any(data, channel_map, *, top: bool = False) -> pd.DataFrame:
             raise PlateError("no plates given")
         return _concat([_read_any(d, channel_map, top=top) for d in data])
     p = Path(data).expanduser()
+    plates.check_utf8_path(p)
     if not p.exists():
         raise PlateError(f"{p}: no such plate folder or manifest")
     suffix = p.suffix.lower()
@@ -94,7 +95,10 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def _read_manifest(path: Path, channel_map) -> pd.DataFrame:
-    entries = [ln.strip() for ln in path.read_text().splitlines()]
+    try:
+        entries = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlateError(f"{path}: cannot read the manifest as UTF-8 text ({exc})") from None
     entries = [e for e in entries if e and not e.startswith("#")]
     if not entries:
         raise PlateError(f"{path}: the manifest lists no plates")

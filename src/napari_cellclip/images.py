@@ -10,12 +10,13 @@ index; OME-TIFF), PNG through Pillow, OME-Zarr fields through zarr
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import CellClipWarning, ImageReadError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -104,7 +105,23 @@ def _check_plane(path: Path, data: np.ndarray) -> np.ndarray:
         raise ImageReadError(path, f"expected a 2-D single-channel image, got shape {data.shape}")
     if data.dtype.kind not in "uif" or data.dtype == np.bool_:
         raise ImageReadError(path, f"unsupported pixel type {data.dtype}")
-    return data
+    return _finite(path, data) if data.dtype.kind == "f" else data
+
+
+def _finite(path: Path, data: np.ndarray) -> np.ndarray:
+    """A float plane with its NaN / ±inf pixels (which would poison every percentile of the plate)
+    set to its lowest finite value, said in a warning naming the file; none finite: ImageReadError."""
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data
+    if bad.all():
+        raise ImageReadError(path, "every pixel is NaN or infinite")
+    fill = data[~bad].min()
+    warnings.warn(f"{path}: {int(bad.sum())} of {data.size} pixels are NaN or infinite; they are read as the "
+                  f"image's lowest finite value ({fill:g})", CellClipWarning, stacklevel=4)
+    out = np.array(data, copy=True)
+    out[bad] = fill
+    return out
 
 
 def pyramid_shapes(path) -> list[tuple[int, int]]:
@@ -389,7 +406,11 @@ def load_field_normalized(row, stains: Sequence[str] | None = None, low: float =
 
 def contrast_limits(img: np.ndarray, low: float = 1.0, high: float = 99.9) -> tuple[float, float]:
     """Display contrast limits for one channel from robust percentiles."""
-    lo, hi = np.percentile(np.asarray(img), [low, high])
+    a = np.asarray(img)
+    a = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+    if not a.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(a, [low, high])
     if hi <= lo:
         hi = lo + 1.0
     return float(lo), float(hi)

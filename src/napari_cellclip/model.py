@@ -220,6 +220,16 @@ class CellCLIPConfig:
         return cls.from_dict(d)
 
 
+def _check_has_words(tok, texts: Sequence[str]) -> None:
+    """QueryError for a text that tokenises to nothing (control characters, zero-width spaces
+    only): it would otherwise be ranked like any prompt."""
+    special = set(tok.all_special_ids) - {tok.unk_token_id}  # an unknown word is still a word
+    for i, (t, ids) in enumerate(zip(texts, tok(texts, add_special_tokens=False)["input_ids"])):
+        if all(x in special for x in ids):
+            raise QueryError(f"prompt {i} ({t!r}) has no words the text encoder can read "
+                             "(only spaces, control or zero-width characters)")
+
+
 def _parse_tuning(tuning: str) -> int | None:
     """"frozen" -> 0, "full" -> None, "last:k" -> k."""
     if tuning == "frozen":
@@ -594,6 +604,7 @@ class CellCLIP(nn.Module):
                 "pass tokenizer='bert-base-cased' (or a local folder) to "
                 "CellCLIP.from_pretrained, or set model.tokenizer"
             )
+        _check_has_words(tok, texts)
         max_len = self.max_text_length
         if not truncate:
             lengths = [len(ids) for ids in tok(texts, add_special_tokens=True, truncation=False)["input_ids"]]

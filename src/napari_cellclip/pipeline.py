@@ -47,9 +47,10 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text
+from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text, load_npy, verify_npy
+from .cli import check_output_dir
 from .devices import cuda_flags
-from .errors import CellClipError, CellClipWarning, PlateError
+from .errors import CellClipError, CellClipWarning, CorruptFileError, PlateError
 
 __all__ = ["run_job", "main", "plan", "DEFAULT_SHARD_SIZE"]
 
@@ -148,10 +149,41 @@ def _write_part(out: Path, kind: str, i: int, data: np.ndarray, rows: np.ndarray
 
 
 def _read_part(out: Path, kind: str, i: int, mmap: bool = True, extra: Sequence[str] = ()):
+    """(data, rows, meta, *extra arrays) of a finished part; every array checked against its checksum."""
     d, r, m = _shard_paths(out, kind, i)
-    data = np.load(d, allow_pickle=False, mmap_mode="r" if mmap else None)
-    more = [np.load(d.with_name(f"{d.stem}.{name}.npy"), allow_pickle=False) for name in extra]
-    return (data, np.load(r, allow_pickle=False), json.loads(m.read_text()), *more)
+    data = load_npy(d, mmap=mmap)
+    more = [load_npy(d.with_name(f"{d.stem}.{name}.npy")) for name in extra]
+    try:
+        meta = json.loads(m.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptFileError(m, f"unreadable ({exc})") from None
+    return (data, load_npy(r), meta, *more)
+
+
+def _part_files(out: Path, kind: str, i: int) -> list[Path]:
+    d, r, m = _shard_paths(out, kind, i)
+    return [d, r, m, *d.parent.glob(f"{d.stem}.*.npy")]
+
+
+def redo_damaged(job: Job, kind: str, parts: Sequence[int]) -> list[int]:
+    """Of this rank's finished ``parts``, those whose files fail their checksum (cut short, a flipped
+    bit): named in a warning and removed, so that they are computed again → their indices."""
+    bad = []
+    for i in parts:
+        if not _done(job.out, kind, i):
+            continue
+        try:
+            for p in _part_files(job.out, kind, i):
+                if p.suffix == ".npy":
+                    verify_npy(p)
+            _read_part(job.out, kind, i, mmap=True)
+        except (CorruptFileError, OSError) as exc:
+            warnings.warn(f"damaged {kind} shard {i} ({exc}): computed again", CellClipWarning, stacklevel=2)
+            job.log(f"damaged {kind} shard {i}: computed again")
+            for p in _part_files(job.out, kind, i):
+                p.unlink(missing_ok=True)
+            bad.append(i)
+    return bad
 
 
 # -------------------------------------------------------------------- job folder
@@ -240,6 +272,7 @@ def stage_features(job: Job, encoder, *, cache_dir, batch_size: int, workers: in
 
     p, meta = job.plan, job.meta
     mine = job.mine(len(p.shards))
+    redo_damaged(job, "features", mine)
     todo = [s for s in mine if not _done(job.out, "features", s)]
     job.stats.update(shards_on_rank=len(mine), shards_resumed=len(mine) - len(todo), shards_computed=0,
                      fields_encoded=0, fields_cached=0, seconds_features=0.0)
@@ -289,6 +322,7 @@ def stage_embeddings(job: Job, model, spec, *, batch_size: int) -> None:
 
     t2 = time.perf_counter()
     units, done = job.plan.units, 0
+    redo_damaged(job, "embeddings", job.mine(len(units)))
     for u in job.mine(len(units)):
         if _done(job.out, "embeddings", u):
             continue
@@ -500,7 +534,7 @@ def run_job(
 
     t_start = time.perf_counter()
     rank, world, local_rank = torchrun_env()
-    out, shard_size, batch_size = Path(out).expanduser(), max(1, int(shard_size)), max(1, int(batch_size))
+    out, shard_size, batch_size = check_output_dir(out), max(1, int(shard_size)), max(1, int(batch_size))
     workers = default_workers() if workers is None else int(workers)
     if ann not in ("auto", "always", "never"):
         raise CellClipError(f"ann must be 'auto', 'always' or 'never', got {ann!r}")
@@ -539,7 +573,7 @@ def run_job(
 
 # ------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
-    from .cli import HelpFormatter, add_alias, add_checkpoint_arg, add_data_args, add_run_args
+    from .cli import HelpFormatter, add_alias, add_checkpoint_arg, add_data_args, add_run_args, number, output_dir
 
     p = argparse.ArgumentParser(
         prog="python -m napari_cellclip.pipeline", formatter_class=HelpFormatter,
@@ -547,9 +581,9 @@ def _parser() -> argparse.ArgumentParser:
                     "run under torchrun to share the fields out over GPUs and machines.")
     add_data_args(p, data_required=True)
     add_checkpoint_arg(p)
-    p.add_argument("--output", "-o", metavar="DIR",
+    p.add_argument("--output", "-o", metavar="DIR", type=output_dir,
                    help="output folder, required: the embedding store (with its ANN index) and the job's shards")
-    add_alias(p, "--out", "output")
+    add_alias(p, "--out", "output", type=output_dir)
     g = add_run_args(p, batch_help="fields per encoder forward", batch_default=8, workers_default=None,
                      workers_help="worker processes decoding images (default: half the CPU cores, divided among the "
                                   "node's torchrun processes, at most 8)",
@@ -561,17 +595,17 @@ def _parser() -> argparse.ArgumentParser:
     j = p.add_argument_group("job")
     j.add_argument("--resume", action="store_true", help="continue a killed job in --output")
     j.add_argument("--overwrite", action="store_true", help="delete a job or store in --output and start again")
-    j.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    j.add_argument("--shard-size", type=number(int, 1, 1 << 24), default=DEFAULT_SHARD_SIZE,
                    help="fields per shard, the unit of work saved to disk and resumed")
-    j.add_argument("--wait-timeout", type=float, default=24 * 3600.0, metavar="SECONDS",
+    j.add_argument("--wait-timeout", type=number(float, 0.0, above=True), default=24 * 3600.0, metavar="SECONDS",
                    help="how long one process waits for the shards of the others under torchrun (default: one day)")
     j.add_argument("--ann", choices=("auto", "always", "never"), default="auto",
                    help="build the FAISS search index with the store (auto: from 50 000 fields, where search uses it)")
     j.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    j.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)
+    j.add_argument("--stop-after-shards", type=number(int, 1), default=None, help=argparse.SUPPRESS)
     e = p.add_argument_group("image encoder")
     e.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
-    e.add_argument("--n-crops", type=int, default=None,
+    e.add_argument("--n-crops", type=number(int, 1, 1024), default=None,
                    help="crops per plane for hf: encoders, a square number (default: the encoder's, 4)")
     e.add_argument("--encoder-option", action="append", default=[], metavar="KEY=VALUE",
                    help="another option for the image encoder (e.g. size=128 for morphology); repeatable")

@@ -402,15 +402,39 @@ def _is_zarr(p: Path) -> bool:
     return p.name.lower().endswith(".zarr") or ome_zarr.is_zarr_dir(p)
 
 
+def is_utf8(name) -> bool:
+    """Whether a path can be written as UTF-8 (tables, parquet and JSON need it; a name with bytes
+    that are not UTF-8 comes back from the OS with surrogate escapes)."""
+    try:
+        str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_utf8_path(path) -> None:
+    """PlateError naming ``path`` (its bytes escaped) when it is not valid UTF-8."""
+    if not is_utf8(path):
+        shown = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+        raise PlateError(f"{shown}: the path is not valid UTF-8 text; rename the folder or file "
+                         "(e.g. with convmv) so its name can be stored in the fields table")
+
+
 def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files, zarr folders) under ``folder``; hidden entries skipped, zarr folders not entered."""
-    files, zarrs = [], []
+    """(files, zarr folders) under ``folder``; hidden entries skipped, zarr folders not entered; names
+    that are not valid UTF-8 skipped with a warning naming them."""
+    files, zarrs, odd = [], [], []
     for dirpath, dirnames, filenames in os.walk(folder):
-        subdirs = [Path(dirpath) / d for d in sorted(dirnames) if not d.startswith(".")]
+        odd += [Path(dirpath) / n for n in (*dirnames, *filenames) if not is_utf8(n)]
+        subdirs = [Path(dirpath) / d for d in sorted(dirnames) if not d.startswith(".") and is_utf8(d)]
         zarrs += [d for d in subdirs if _is_zarr(d)]
         dirnames[:] = [d.name for d in subdirs if not _is_zarr(d)]
         base = Path(dirpath)
-        files += [base / f for f in sorted(filenames) if not f.startswith(".")]
+        files += [base / f for f in sorted(filenames) if not f.startswith(".") and is_utf8(f)]
+    if odd:
+        shown = [os.fsencode(str(p)).decode("utf-8", "backslashreplace") for p in odd[:5]]
+        warnings.warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
+                      f"them): {', '.join(shown)}", CellClipWarning, stacklevel=3)
     return files, zarrs  # folders in sorted order, files sorted within each
 
 
@@ -513,6 +537,7 @@ def read_plate(
     plate : plate name to use instead of the folder / CSV / metadata value.
     """
     path = Path(path).expanduser()
+    check_utf8_path(path)
     if layout not in LAYOUTS:
         raise PlateError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if not path.exists():

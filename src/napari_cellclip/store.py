@@ -69,6 +69,20 @@ class StoreError(CellClipError):
     """An embedding store folder is missing, incomplete or malformed."""
 
 
+def _check_unit_rows(emb: np.ndarray, where, tol: float = 1e-3, chunk: int = 1 << 16) -> None:
+    """StoreError unless every row is finite and of length 1 (or 0): cosine scores read the rows as
+    they are, so a damaged or hand-made file would otherwise score outside [-1, 1]."""
+    for a in range(0, len(emb), chunk):
+        block = np.asarray(emb[a:a + chunk], dtype=np.float32)
+        norms = np.linalg.norm(block, axis=1) if block.size else np.zeros(0, np.float32)
+        bad = ~np.isfinite(norms) | ((np.abs(norms - 1) > tol) & (norms > tol))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise StoreError(f"{where}: row {a + i} has length {norms[i]:.4g}, not 1 ({int(bad.sum())} such rows "
+                             f"from row {a}): not the unit embeddings a store holds (damaged or edited); "
+                             "embed the plates again")
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Row-wise L2 normalisation as float32 (all-zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -277,6 +291,7 @@ class EmbeddingStore:
                 f"{path}: inconsistent store (embeddings {emb.shape}, {len(fields)} field rows, "
                 f"store.json n={meta.get('n')})"
             )
+        _check_unit_rows(emb, path / _EMB_FILE)
         wells = None
         if meta.get("level", "field") == "field" and EmbeddingStore.exists(path / _WELLS_DIR):
             wells = cls.load(path / _WELLS_DIR, mmap=mmap)
