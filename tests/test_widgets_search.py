@@ -341,11 +341,13 @@ def test_hit_gallery_shows_the_top_hits_side_by_side(make_search, qtbot, notes, 
     g = labels.metadata[_gallery.GALLERY_KEY]
     assert g["cols"] * g["step"] > 2 * plate_w and g["tile"] == pytest.approx(plate_w, rel=0.02)
     # the tiles hold the fields' pixels; the gaps between them are black
-    t, step = round(g["tile"] / image.scale[0]), round(g["step"] / image.scale[0])
+    t, step, row_step = (round(g[k] / image.scale[0]) for k in ("tile", "step", "row_step"))
     for i in range(5):
         r, q = divmod(i, g["cols"])
-        assert image.data[r * step: r * step + t, q * step: q * step + t].mean() > 10
+        assert image.data[r * row_step: r * row_step + t, q * step: q * step + t].mean() > 10
     assert image.data[:t, t + 1: step - 1].max() == 0
+    # rows leave room for the three-line label above each tile (it overlapped the row above)
+    assert row_step - t >= 0.4 * t and image.data[t + 1: row_step - 1].max() == 0
     # clicking a tile opens that field
     i = 3
     centre = labels.data[i]

@@ -36,6 +36,7 @@ IMAGE_LAYER = "hits"
 LABELS_LAYER = "hits: labels"
 GALLERY_KEY = "cellclip_gallery"
 _GAP = 0.06  # gap between tiles, as a fraction of a tile
+_LABEL_ROOM = 0.42  # gap between rows: room for a tile's three-line label above it (at the default zoom)
 _LUT = 1024  # levels of the colour look-up tables
 _SELECTED, _FRAME = "#ffd400", "#b0b0b0"
 
@@ -90,15 +91,16 @@ def grid_shape(k: int) -> tuple[int, int]:
     return max(1, math.ceil(k / cols)), cols
 
 
-def mosaic(tiles: np.ndarray, cols: int, gap: int) -> np.ndarray:
-    """``(k, C, t, t)`` tiles → ``(C, H, W)`` grid, row by row, ``gap`` pixels apart (black)."""
+def mosaic(tiles: np.ndarray, cols: int, gap: int, row_gap: int | None = None) -> np.ndarray:
+    """``(k, C, t, t)`` tiles → ``(C, H, W)`` grid, row by row, ``gap`` pixels apart (black);
+    rows ``row_gap`` pixels apart (default ``gap``), each row's labels sit in the gap above it."""
     k, c, t, _ = tiles.shape
     rows = max(1, math.ceil(k / cols))
-    step = t + gap
-    out = np.zeros((c, rows * step - gap, cols * step - gap), tiles.dtype)
+    step, row_step = t + gap, t + (gap if row_gap is None else row_gap)
+    out = np.zeros((c, rows * row_step - (row_step - t), cols * step - gap), tiles.dtype)
     for i in range(k):
         r, q = divmod(i, cols)
-        out[:, r * step: r * step + t, q * step: q * step + t] = tiles[i]
+        out[:, r * row_step: r * row_step + t, q * step: q * step + t] = tiles[i]
     return out
 
 
@@ -188,10 +190,10 @@ def build_gallery(fields, stains: Sequence[str], luts: Sequence, size: int = TIL
     tiles, factor, readable = field_thumbnails(fields, stains, size, progress=progress, should_stop=should_stop)
     k, _, t, _ = tiles.shape
     cols = grid_shape(k)[1]
-    gap = max(2, int(round(_GAP * t)))
-    grid = mosaic(tiles, cols, gap)
-    return {"grid": grid, "rgb": composite(grid, luts), "factor": factor, "tile": t, "gap": gap, "cols": cols,
-            "readable": readable}
+    gap, row_gap = max(2, int(round(_GAP * t))), max(2, int(round(_LABEL_ROOM * t)))
+    grid = mosaic(tiles, cols, gap, row_gap)
+    return {"grid": grid, "rgb": composite(grid, luts), "factor": factor, "tile": t, "gap": gap,
+            "row_gap": row_gap, "cols": cols, "readable": readable}
 
 
 _MOSAICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # viewer -> (grid, stains)
@@ -217,12 +219,14 @@ def show_gallery(viewer, gallery: dict, table, stains: Sequence[str], *,
     factor, t, gap, cols = gallery["factor"], gallery["tile"], gallery["gap"], gallery["cols"]
     k = len(gallery["readable"])
     step = (t + gap) * factor * px  # world units from one tile to the next
+    row_step = (t + gallery.get("row_gap", gap)) * factor * px  # from one row to the next
     tile = t * factor * px
     origin = np.array([0.0, plate_w + max(step - tile, 0.08 * plate_w)])
-    geometry = {"origin": origin.tolist(), "step": step, "tile": tile, "cols": cols, "n": k}
+    geometry = {"origin": origin.tolist(), "step": step, "row_step": row_step, "tile": tile, "cols": cols, "n": k}
     _MOSAICS[viewer] = (gallery["grid"], list(stains))
     rgb = gallery["rgb"]
-    centres = np.array([origin + [(i // cols) * step + tile / 2, (i % cols) * step + tile / 2] for i in range(k)])
+    centres = np.array([origin + [(i // cols) * row_step + tile / 2, (i % cols) * step + tile / 2]
+                        for i in range(k)])
     keep = [c for c in table.columns if c in ("rank", "score", "store_row") or str(c).startswith("Metadata_")]
     features = table.head(k)[keep].reset_index(drop=True)
     features["label"] = [_label(r, score_name) for r in table.head(k).to_dict("records")]
@@ -289,11 +293,13 @@ def tile_at(viewer, world_yx) -> int | None:
     if labels is None:
         return None
     g = labels.metadata[GALLERY_KEY]
-    y, x = (np.asarray(world_yx[-2:], float) - np.asarray(g["origin"])) / g["step"]
+    row_step = g.get("row_step", g["step"])
+    dy, dx = np.asarray(world_yx[-2:], float) - np.asarray(g["origin"])
+    y, x = dy / row_step, dx / g["step"]
     if y < 0 or x < 0 or x >= g["cols"]:
         return None
     r, q = int(y), int(x)
-    inside = (y - r) * g["step"] <= g["tile"] and (x - q) * g["step"] <= g["tile"]
+    inside = (y - r) * row_step <= g["tile"] and (x - q) * g["step"] <= g["tile"]
     i = r * g["cols"] + q
     return i if inside and i < g["n"] else None
 
