@@ -108,8 +108,28 @@ def open_fields(viewer, fields, source: str = "") -> list:
     """Add the (lazy) stain layers of ``fields`` to the viewer; returns the new layers."""
     from .._reader import fields_layer_data
 
+    return _add_layer_data(viewer, fields_layer_data(fields, source))
+
+
+def replace_plate(viewer, old_layers, fields, source: str = "") -> list:
+    """Replace a plate's stain layers by those of ``fields`` (e.g. the plate re-read with a channel
+    map), keeping the field on screen; returns the new layers.  The new layers are built (as the
+    reader builds them) before any old one is removed: if that raises, the viewer is unchanged."""
+    from .._reader import fields_layer_data
+
+    layer_data = fields_layer_data(fields, source)
+    step = viewer.dims.current_step
+    for ly in old_layers:
+        viewer.layers.remove(ly)
+    new = _add_layer_data(viewer, layer_data)
+    if len(viewer.dims.current_step) == len(step):
+        viewer.dims.current_step = step
+    return new
+
+
+def _add_layer_data(viewer, layer_data) -> list:
     new = []
-    for data, kwargs, _kind in fields_layer_data(fields, source):
+    for data, kwargs, _kind in layer_data:
         added = viewer.add_image(data, **kwargs)
         new.extend(added if isinstance(added, list) else [added])
     return new
