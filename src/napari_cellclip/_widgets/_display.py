@@ -111,16 +111,14 @@ def open_fields(viewer, fields, source: str = "") -> list:
     return _add_layer_data(viewer, fields_layer_data(fields, source))
 
 
-def replace_plate(viewer, old_layers, fields, source: str = "") -> list:
-    """Replace a plate's stain layers by those of ``fields`` (e.g. the plate re-read with a channel
-    map), keeping the field on screen; returns the new layers.  The new layers are built (as the
-    reader builds them) before any old one is removed: if that raises, the viewer is unchanged."""
-    from .._reader import fields_layer_data
-
-    layer_data = fields_layer_data(fields, source)
+def replace_plate(viewer, old_layers, layer_data) -> list:
+    """Replace a plate's stain layers by ``layer_data`` (the reader's
+    :func:`~napari_cellclip._reader.fields_layer_data` of the plate re-read, e.g. with a channel
+    map), keeping the field on screen; returns the new layers."""
     step = viewer.dims.current_step
     for ly in old_layers:
-        viewer.layers.remove(ly)
+        if ly in viewer.layers:
+            viewer.layers.remove(ly)
     new = _add_layer_data(viewer, layer_data)
     if len(viewer.dims.current_step) == len(step):
         viewer.dims.current_step = step

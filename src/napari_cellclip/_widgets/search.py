@@ -140,6 +140,13 @@ def _channel_map_arg(text: str, source: str):
     return beside if not path.is_absolute() and beside.is_file() else text
 
 
+def _reread(source: str, channel_map) -> list:
+    """The reader's layer data for the plate at ``source`` read with ``channel_map`` (in a thread)."""
+    from .._reader import fields_layer_data, read_fields
+
+    return fields_layer_data(read_fields(source, channel_map=channel_map, strict=True), source)
+
+
 def _same_channels(a, b) -> bool:
     """Whether two fields tables give every stain the same files (embeddings of one fit the other)."""
     from ..plates import stains
@@ -212,6 +219,7 @@ class SearchWidget(QWidget):
         self._job: Job | None = None  # embedding / zero-shot (one at a time)
         self._query_job: Job | None = None
         self._gallery_job: Job | None = None
+        self._reread_worker = None  # the last plate re-read (a thread: reading a plate is I/O)
         self._updating_table = False
         self._engine = engine("model")  # starts the background process; it warms up now
         self._build()
@@ -610,44 +618,65 @@ class SearchWidget(QWidget):
         if path:
             self.channel_map_edit.setText(path)
 
-    def reread_plate(self, channel_map: str | None = None) -> bool:
+    def reread_plate(self, channel_map: str | None = None):
         """Re-read the open plate with ``channel_map`` (the Display tab's box by default: ``"1=DNA,..."``
         or a file; empty: the ``channels.json`` beside the plate) and replace its layers.
 
-        The embeddings and results of the old stain names are dropped (embed again).  A map that
-        does not fit the plate is refused with a message, and the old layers stay.
+        Reading runs in a thread (a big plate takes seconds: the display contrast decodes a few
+        fields); returns that worker, or None if refused.  The embeddings and results of the old
+        stain names are dropped (embed again).  A map that does not fit the plate is refused with
+        a message, and the old layers stay.
         """
-        from .._reader import read_fields
+        from superqt.utils import create_worker
+
+        from ..errors import CellClipWarning
         from .state import FIELDS_KEY, SOURCE_KEY
 
         if channel_map is None or isinstance(channel_map, bool):
             channel_map = self.channel_map_edit.text()
         channel_map = channel_map.strip()
-        if self._busy_now():
+        if self._busy_now() or not self.reread_btn.isEnabled():
             _notify.warning("CellCLIP is busy: wait for the running job or cancel it, then re-read the plate")
-            return False
+            return None
         old = self.state.fields
         layers = [ly for ly in _display.plate_layers(self.viewer) if ly.metadata[FIELDS_KEY] is old]
         source = layers[0].metadata.get(SOURCE_KEY, "") if layers else ""
         if not source or not Path(source).exists():
             _notify.error("No plate read from a file is open: open a plate folder (File ▸ Open) to re-read it")
-            return False
-        try:
-            fields = read_fields(source, channel_map=_channel_map_arg(channel_map, source), strict=True)
-            new = _display.replace_plate(self.viewer, layers, fields, source)
-        except Exception as exc:  # noqa: BLE001 - a bad map or unreadable plate must not raise into Qt
-            _notify.error(f"could not re-read {source} with the channel map {channel_map or '(none)'}: {exc}")
-            return False
+            return None
+        worker = create_worker(_reread, source, _channel_map_arg(channel_map, source), _start_thread=False,
+                               _connect={"errored": lambda exc: _notify.error(
+                                   f"could not re-read {source} with the channel map {channel_map or '(none)'}: "
+                                   f"{exc}")})
+        worker.returned.connect(lambda layer_data: self._replace_plate(layers, old, source, layer_data))
+        worker.warned.connect(lambda w: _notify.warning(str(w[0])) if issubclass(w[1], CellClipWarning) else None)
+        status = self.status_label.text()
+        worker.finished.connect(lambda: self._reread_done(status))
+        for w in (self.reread_btn, self.embed_btn):
+            w.setEnabled(False)
+        self.status_label.setText(f"Re-reading {Path(source).name}…")
+        worker.start()
+        self._reread_worker = worker
+        return worker
+
+    def _replace_plate(self, layers: list, old, source: str, layer_data: list) -> None:
+        from ..plates import stains
+        from .state import FIELDS_KEY
+
+        new = _display.replace_plate(self.viewer, layers, layer_data)
         self.state.fields = new[0].metadata[FIELDS_KEY]
         self._apply_display()
-        from ..plates import stains
-
         st = self.state.store
         if st is not None and not _same_channels(old, self.state.fields) \
                 and set(_display.field_keys(st.fields)) & set(_display.field_keys(old)):
             self._drop_embeddings()
         _notify.info(f"Re-read {Path(source).name}: stains {', '.join(stains(self.state.fields))}")
-        return True
+
+    def _reread_done(self, status: str) -> None:
+        self.reread_btn.setEnabled(True)
+        self.embed_btn.setEnabled(not self._busy_now())
+        if self.status_label.text().startswith("Re-reading"):
+            self.status_label.setText(status)
 
     def _drop_embeddings(self) -> None:
         """Forget the store, results and hit gallery of a plate whose stains were renamed."""
