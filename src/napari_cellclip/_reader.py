@@ -154,23 +154,31 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
         return fields
 
 
-def read_fields(path: str | Path | Sequence[str | Path], channel_map=None):
+def read_fields(path: str | Path | Sequence[str | Path], channel_map=None, *, strict: bool = False):
     """Fields table for a plate (folder, OME-Zarr plate, OME-TIFF, LoadData CSV) or channel files.
 
     Returns ``None`` when ``path`` is not something napari-cellclip reads; deciding that
     reads no tree (:func:`napari_cellclip.plates.sniff`).  For channel files, the plate
     around them is read and only the fields those files belong to kept; for a well or a
     field inside an OME-Zarr plate, the plate is read and only that well / field kept.
-    ``channel_map`` (see ``read_plate``) names numbered channels.
+    ``channel_map`` (see ``read_plate``) names numbered channels.  ``strict=True`` (a widget
+    re-reading a plate it knows is ours) raises the :class:`~napari_cellclip.errors.CellClipError`
+    saying why instead of returning ``None``.
     """
+    from .errors import PlateError
+
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     if not paths:
         return None
     try:
         found = _read_paths(paths, channel_map)
     except Exception:  # noqa: BLE001 - never raise on foreign or broken files
+        if strict:
+            raise
         return None
     if found is None or found[0] is None or len(found[0]) == 0:
+        if strict:
+            raise PlateError(f"{paths[0]}: no plate napari-cellclip can read")
         return None
     fields, plate_dir = found
     fields = _annotate_if_possible(fields, plate_dir)

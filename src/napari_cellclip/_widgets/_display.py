@@ -108,8 +108,26 @@ def open_fields(viewer, fields, source: str = "") -> list:
     """Add the (lazy) stain layers of ``fields`` to the viewer; returns the new layers."""
     from .._reader import fields_layer_data
 
+    return _add_layer_data(viewer, fields_layer_data(fields, source))
+
+
+def replace_plate(viewer, old_layers, layer_data) -> list:
+    """Replace a plate's stain layers by ``layer_data`` (the reader's
+    :func:`~napari_cellclip._reader.fields_layer_data` of the plate re-read, e.g. with a channel
+    map), keeping the field on screen; returns the new layers."""
+    step = viewer.dims.current_step
+    for ly in old_layers:
+        if ly in viewer.layers:
+            viewer.layers.remove(ly)
+    new = _add_layer_data(viewer, layer_data)
+    if len(viewer.dims.current_step) == len(step):
+        viewer.dims.current_step = step
+    return new
+
+
+def _add_layer_data(viewer, layer_data) -> list:
     new = []
-    for data, kwargs, _kind in fields_layer_data(fields, source):
+    for data, kwargs, _kind in layer_data:
         added = viewer.add_image(data, **kwargs)
         new.extend(added if isinstance(added, list) else [added])
     return new

@@ -10,8 +10,9 @@ rows of its table.
 
 Layout (fits a 1366×768 screen, docked with the Perturbation map): the plate, Embed /
 Cancel and the progress line stay on top; the rest is in tabs: *Search* (query, results,
-gallery), *Zero-shot*, *Display* (composite or one stain) and *Model* (checkpoint,
-device, "About this model": the checkpoint's model card).
+gallery), *Zero-shot*, *Display* (composite or one stain; the channel map: re-read the plate
+when its stains are numbered or misnamed) and *Model* (checkpoint, device, "About this model":
+the checkpoint's model card).
 """
 
 from __future__ import annotations
@@ -126,6 +127,36 @@ def resolve_checkpoint(path) -> Path:
         return Path(path).expanduser()
 
 
+def _channel_map_arg(text: str, source: str):
+    """The channel map typed: ``None`` when empty, a file named relative to the plate (or the
+    current folder) as a path, else the text (``"1=DNA,2=ER"``)."""
+    if not text or "=" in text:
+        return text or None
+    path = Path(text).expanduser()
+    plate = Path(source)
+    beside = (plate if plate.is_dir() else plate.parent) / path
+    if path.is_file():
+        return path
+    return beside if not path.is_absolute() and beside.is_file() else text
+
+
+def _reread(source: str, channel_map) -> list:
+    """The reader's layer data for the plate at ``source`` read with ``channel_map`` (in a thread)."""
+    from .._reader import fields_layer_data, read_fields
+
+    return fields_layer_data(read_fields(source, channel_map=channel_map, strict=True), source)
+
+
+def _same_channels(a, b) -> bool:
+    """Whether two fields tables give every stain the same files (embeddings of one fit the other)."""
+    from ..plates import stains
+
+    if a is None or b is None or stains(a) != stains(b) or len(a) != len(b):
+        return False
+    cols = [c for c in a.columns if str(c).startswith(("FileName_Orig", "PathName_Orig", "Frame_Orig"))]
+    return all(c in b.columns and a[c].astype(str).tolist() == b[c].astype(str).tolist() for c in cols)
+
+
 class ProgressPanel(QWidget):
     """A progress bar and a line of text following a :class:`~._workers.Job`: counts, rate and
     time left while it runs; 100 % exactly when it has returned."""
@@ -188,6 +219,7 @@ class SearchWidget(QWidget):
         self._job: Job | None = None  # embedding / zero-shot (one at a time)
         self._query_job: Job | None = None
         self._gallery_job: Job | None = None
+        self._reread_worker = None  # the last plate re-read (a thread: reading a plate is I/O)
         self._updating_table = False
         self._engine = engine("model")  # starts the background process; it warms up now
         self._build()
@@ -324,6 +356,23 @@ class SearchWidget(QWidget):
         self.caption_check = QCheckBox("Caption the canvas with the field on screen")
         self.caption_check.setChecked(True)
         lay.addWidget(self.caption_check)
+        hint = QLabel("Stains numbered (ch1, ch2…) or wrong? Give the channel map and re-read the plate:")
+        hint.setWordWrap(True)
+        lay.addWidget(hint)
+        row = QHBoxLayout()
+        self.channel_map_edit = QLineEdit()
+        self.channel_map_edit.setPlaceholderText("1=DNA,2=ER,3=RNA,4=AGP,5=Mito  or  channels.json")
+        self.channel_map_edit.setToolTip("Stain of each channel number of your acquisition (Phenix ch<n>, "
+                                         "ImageXpress w<n>, OME channel n), or a channels.json / .txt file. "
+                                         "Empty: the channels.json beside the plate, if any.")
+        self.channel_map_btn = QPushButton("…")
+        self.channel_map_btn.setMaximumWidth(30)
+        self.channel_map_btn.setToolTip("Choose a channels.json / channels.txt")
+        self.reread_btn = QPushButton("Re-read plate")
+        row.addWidget(self.channel_map_edit, stretch=1)
+        row.addWidget(self.channel_map_btn)
+        row.addWidget(self.reread_btn)
+        lay.addLayout(row)
         lay.addStretch(1)
         return tab
 
@@ -369,8 +418,13 @@ class SearchWidget(QWidget):
         self.composite_radio.toggled.connect(self._apply_display)
         self.stain_combo.currentTextChanged.connect(self._apply_display)
         self.caption_check.toggled.connect(self._on_caption_toggled)
+        self.channel_map_btn.clicked.connect(self._browse_channel_map)
+        self.channel_map_edit.returnPressed.connect(self.reread_plate)
+        self.reread_btn.clicked.connect(self.reread_plate)
         self.gallery_check.toggled.connect(self._on_gallery_toggled)
         self._engine.status_changed.connect(self._on_engine_status)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(lambda _e: self._update_display_controls())  # a plate's stains come one by one
         ev = self.state.events
         ev.fields.connect(self._on_fields)
         ev.store.connect(self._on_store)
@@ -396,7 +450,11 @@ class SearchWidget(QWidget):
             return
         plates = sorted({str(p) for p in f["Metadata_Plate"]}) if "Metadata_Plate" in f.columns else ["?"]
         wells = f["Metadata_Well"].nunique() if "Metadata_Well" in f.columns else "?"
-        self.plate_label.setText(f"Plate {', '.join(plates)}: {len(f)} fields in {wells} wells")
+        from ..plates import stains
+
+        numbered = [s for s in stains(f) if s[:2] == "ch" and s[2:].isdigit()]
+        hint = f" — stains unnamed ({', '.join(numbered)}): name them in the Display tab" if numbered else ""
+        self.plate_label.setText(f"Plate {', '.join(plates)}: {len(f)} fields in {wells} wells{hint}")
         st = self.state.store
         if st is not None and _display.field_keys(st.fields) != _display.field_keys(f):
             self.status_label.setText("A new plate is open: embed it to search it")
@@ -553,6 +611,84 @@ class SearchWidget(QWidget):
             self.stain_combo.setCurrentText(stain)
             self.one_stain_radio.setChecked(True)
         self._apply_display()
+
+    def _browse_channel_map(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Channel map", str(Path(self.state.source or ".").parent),
+                                              "Channel map (*.json *.txt);;All files (*)")
+        if path:
+            self.channel_map_edit.setText(path)
+
+    def reread_plate(self, channel_map: str | None = None):
+        """Re-read the open plate with ``channel_map`` (the Display tab's box by default: ``"1=DNA,..."``
+        or a file; empty: the ``channels.json`` beside the plate) and replace its layers.
+
+        Reading runs in a thread (a big plate takes seconds: the display contrast decodes a few
+        fields); returns that worker, or None if refused.  The embeddings and results of the old
+        stain names are dropped (embed again).  A map that does not fit the plate is refused with
+        a message, and the old layers stay.
+        """
+        from superqt.utils import create_worker
+
+        from ..errors import CellClipWarning
+        from .state import FIELDS_KEY, SOURCE_KEY
+
+        if channel_map is None or isinstance(channel_map, bool):
+            channel_map = self.channel_map_edit.text()
+        channel_map = channel_map.strip()
+        if self._busy_now() or not self.reread_btn.isEnabled():
+            _notify.warning("CellCLIP is busy: wait for the running job or cancel it, then re-read the plate")
+            return None
+        old = self.state.fields
+        layers = [ly for ly in _display.plate_layers(self.viewer) if ly.metadata[FIELDS_KEY] is old]
+        source = layers[0].metadata.get(SOURCE_KEY, "") if layers else ""
+        if not source or not Path(source).exists():
+            _notify.error("No plate read from a file is open: open a plate folder (File ▸ Open) to re-read it")
+            return None
+        worker = create_worker(_reread, source, _channel_map_arg(channel_map, source), _start_thread=False,
+                               _connect={"errored": lambda exc: _notify.error(
+                                   f"could not re-read {source} with the channel map {channel_map or '(none)'}: "
+                                   f"{exc}")})
+        worker.returned.connect(lambda layer_data: self._replace_plate(layers, old, source, layer_data))
+        worker.warned.connect(lambda w: _notify.warning(str(w[0])) if issubclass(w[1], CellClipWarning) else None)
+        status = self.status_label.text()
+        worker.finished.connect(lambda: self._reread_done(status))
+        for w in (self.reread_btn, self.embed_btn):
+            w.setEnabled(False)
+        self.status_label.setText(f"Re-reading {Path(source).name}…")
+        worker.start()
+        self._reread_worker = worker
+        return worker
+
+    def _replace_plate(self, layers: list, old, source: str, layer_data: list) -> None:
+        from ..plates import stains
+        from .state import FIELDS_KEY
+
+        new = _display.replace_plate(self.viewer, layers, layer_data)
+        self.state.fields = new[0].metadata[FIELDS_KEY]
+        self._apply_display()
+        st = self.state.store
+        if st is not None and not _same_channels(old, self.state.fields) \
+                and set(_display.field_keys(st.fields)) & set(_display.field_keys(old)):
+            self._drop_embeddings()
+        _notify.info(f"Re-read {Path(source).name}: stains {', '.join(stains(self.state.fields))}")
+
+    def _reread_done(self, status: str) -> None:
+        self.reread_btn.setEnabled(True)
+        self.embed_btn.setEnabled(not self._busy_now())
+        if self.status_label.text().startswith("Re-reading"):
+            self.status_label.setText(status)
+
+    def _drop_embeddings(self) -> None:
+        """Forget the store, results and hit gallery of a plate whose stains were renamed."""
+        from ._gallery import clear_gallery
+
+        clear_gallery(self.viewer)
+        old = self.state.store
+        self.state.selection = ()
+        self.state.results = None
+        self.state.store = None
+        self._engine.forget(old)
+        self.status_label.setText("Stains renamed: embed the plate again to search it")
 
     def _on_caption_toggled(self, on: bool) -> None:
         if on:
