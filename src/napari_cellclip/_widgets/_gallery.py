@@ -36,7 +36,7 @@ IMAGE_LAYER = "hits"
 LABELS_LAYER = "hits: labels"
 GALLERY_KEY = "cellclip_gallery"
 _GAP = 0.06  # gap between tiles, as a fraction of a tile
-_LABEL_ROOM = 0.42  # gap between rows: room for a tile's three-line label above it (at the default zoom)
+_LABEL_ROOM = 0.5  # gap between rows: room for a tile's three-line label above it (at the default zoom)
 _LUT = 1024  # levels of the colour look-up tables
 _SELECTED, _FRAME = "#ffd400", "#b0b0b0"
 
@@ -230,9 +230,10 @@ def show_gallery(viewer, gallery: dict, table, stains: Sequence[str], *,
     keep = [c for c in table.columns if c in ("rank", "score", "store_row") or str(c).startswith("Metadata_")]
     features = table.head(k)[keep].reset_index(drop=True)
     features["label"] = [_label(r, score_name) for r in table.head(k).to_dict("records")]
-    # the text's anchor is the point (the tile's centre): move it to the tile's top-left corner
+    # the text's anchor is the point (the tile's centre): move it to the tile's top-left corner, the
+    # text rising from there into the gap above the tile
     text = {"string": "{label}", "anchor": "upper_left", "size": 9, "color": "white",
-            "translation": [-tile * 0.47, -tile * 0.47]}
+            "translation": [-tile * 0.52, -tile * 0.47]}  # its bottom just above the tile's top edge
     layers = {ly.name: ly for ly in gallery_layers(viewer)}
     first = not layers
     image, labels = layers.get(IMAGE_LAYER), layers.get(LABELS_LAYER)
