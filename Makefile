@@ -32,7 +32,7 @@ demo: $(STAMP)
 ## Lint (ruff: style, bugs, and no Qt/napari import in the core or training), then run the test suite
 ## (widget tests run on a virtual X server via pytest-xvfb).
 test: $(STAMP)
-	@echo "==> running the test suite (widget tests on a virtual X server; about 30-45 minutes on 2 busy CPU cores)"
+	@echo "==> running the test suite (widget tests on a virtual X server; about 8-15 minutes on 2 CPU cores)"
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 

@@ -189,9 +189,17 @@ def test_map_is_a_points_layer_other_plugins_can_use(widgets, qtbot, wait_job):
     assert sorted(search.state.selection) == [4, 5]
     assert cmap.view.selected() == [4, 5]
     # a second map updates the same layer
-    cmap.level_combo.setCurrentText("wells")
-    wait_job(cmap.compute("pca"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cmap.level_combo.setCurrentText("wells")
+        wait_job(cmap.compute("pca"))
     assert viewer.layers[POINTS_LAYER] is layer and len(layer.features) == 4
+    # ... coloured by perturbation as the map is, without napari first being handed the new colours
+    # for the old points ("color parameter has 4 entries, while the data contains 12")
+    assert len({tuple(c) for c in np.round(layer.face_color, 3)}) == 3
+    assert not [w for w in caught if "color" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_umap_by_default_in_the_background_with_the_cores_busy(widgets, qtbot, tmp_path, notes, wait_job,

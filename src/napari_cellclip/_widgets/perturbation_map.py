@@ -570,7 +570,7 @@ class PerturbationMapWidget(QWidget):
             html += f" … (+{len(legend) - 20})"
         self.legend.setText(html)
         layer = self.points_layer()
-        if layer is not None:
+        if layer is not None and len(layer.data) == len(colors):  # a new map recolours it when published
             layer.face_color = colors
 
     # ------------------------------------------------------------- napari layer
