@@ -222,6 +222,9 @@ def test_losses_stay_on_the_embeddings_device_with_cpu_labels(monkeypatch):
             got = compute_loss(name, img, txt, s, channel_features=feats, logit_bias=-2.0, labels=labels)
             assert got.device.type == "meta" and got.shape == (), (name, labels)
         assert channel_similarity_weights(feats, labels).device.type == "meta"
+        # frozen channel features cached on the CPU, towers on the device: the targets follow the logits
+        got = cwcl_loss(img, txt, torch.zeros(5, 3, 4), s, labels=labels)
+        assert got.device.type == "meta", labels
 
     # CLOOB's InfoLOOB step reads values (rows without a negative); a device-checking stand-in
     # replaces it so the Hopfield retrievals and the positives are checked on the meta device
