@@ -328,6 +328,14 @@ def _ddp_worker(rank, world, init_file, split):
                 assert torch.allclose(got, ref), (name, rank)
                 assert torch.allclose(li.grad, gi.grad[lo:hi]), (name, rank)
                 assert torch.allclose(lt.grad, gt.grad[lo:hi]), (name, rank)
+        # without gather=True a loss sees this process's shard only (the loop formulas on the shard)
+        shard_lab = None if rank == 0 else labels[lo:hi].tolist()
+        shard = (img[lo:hi], txt[lo:hi])
+        assert clip_loss(*shard, s).item() == pytest.approx(ref_clip(*shard, 1.2), rel=1e-10)
+        assert cwcl_loss(*shard, feats[lo:hi], s, labels=labels[lo:hi] if shard_lab else None).item() == \
+            pytest.approx(ref_cwcl(*shard, feats[lo:hi], 1.2, shard_lab), rel=1e-10)
+        assert siglip_loss(*shard, s, -1.0).item() == pytest.approx(ref_siglip(*shard, 1.2, -1.0), rel=1e-10)
+        assert cloob_loss(*shard, s).item() == pytest.approx(ref_cloob(*shard, 1.2), rel=1e-10)
         x = torch.full((split[rank], 2), float(rank))
         g = gather_features(x)
         assert g.shape == (sum(split), 2)
@@ -346,7 +354,7 @@ def test_gather_ddp_uneven(tmp_path):
     # them in-process, so mutation testing runs it for mutants of the gathering code)
     img, txt, feats = _data(n=5)
     s = torch.tensor(1.0, dtype=torch.float64)
-    for name in ("cwcl", "clip", "siglip"):
+    for name in losses.LOSSES:
         assert torch.equal(compute_loss(name, img, txt, s, channel_features=feats, logit_bias=-1.0, gather=True),
                            compute_loss(name, img, txt, s, channel_features=feats, logit_bias=-1.0))
     x = torch.ones(2, 3)
@@ -403,3 +411,42 @@ def test_duplicate_prompts_do_not_inflate_the_softmax():
     lt = torch.log_softmax(lg.t(), 1)
     t2i = -(lt[0, [0, 3]].mean() + lt[1, 1] + lt[2, 2]) / 3
     assert got.item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-10)
+
+
+def test_gather_is_a_noop_in_a_single_process_group(tmp_path):
+    """torch.distributed initialised with one process (a one-GPU torchrun): nothing to gather, the
+    embeddings come back as they are (no collective, same tensor, same graph)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(3, 4, requires_grad=True)
+        assert gather_features(x) is x
+    finally:
+        dist.destroy_process_group()
+
+
+def test_losses_under_autocast_are_float32_formulas():
+    """A trainer's bf16 autocast region does not reach the loss: float32 embeddings give the float32
+    loss of the loop formulas, not one from bf16 matmuls (~1e-2 off)."""
+    img, txt, feats = _data()
+    lab = [0, 1, 0, 2, 1, 3]
+    s = torch.tensor(1.0)
+    refs = {"clip": ref_clip(img, txt, 1.0, lab), "cwcl": ref_cwcl(img, txt, feats, 1.0, lab),
+            "siglip": ref_siglip(img, txt, 1.0, -1.0, lab), "cloob": ref_cloob(img, txt, 1.0, lab)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name in losses.LOSSES:
+            got = compute_loss(name, img.float(), txt.float(), s, channel_features=feats.float(), logit_bias=-1.0,
+                               labels=torch.tensor(lab))
+            assert got.dtype == torch.float32, name
+            assert got.item() == pytest.approx(refs[name], rel=1e-5), name
+
+
+def test_siglip_float_bias_at_the_embeddings_precision():
+    """A Python-number bias is used at float64 for float64 embeddings (not rounded to float32 first)."""
+    img, txt, _ = _data()
+    got = siglip_loss(img, txt, math.log(10.0), -1.1)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(ref_siglip(img, txt, math.log(10.0), -1.1), rel=1e-12)

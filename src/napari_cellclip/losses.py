@@ -143,7 +143,7 @@ def _prep(image_emb, text_emb, logit_scale):
     img = F.normalize(image_emb.to(dtype), dim=-1)
     txt = F.normalize(text_emb.to(dtype), dim=-1)
     if not torch.is_tensor(logit_scale):
-        logit_scale = torch.tensor(float(logit_scale), device=img.device)
+        logit_scale = torch.tensor(float(logit_scale), device=img.device, dtype=dtype)  # not via float32
     scale = logit_scale.to(device=img.device, dtype=dtype).clamp(max=LOGIT_SCALE_MAX).exp()
     if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
         raise ValueError(
@@ -190,13 +190,6 @@ def _text_to_image_targets(member: torch.Tensor) -> torch.Tensor:
 def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-(1/N) sum_i sum_j t_ij log softmax_j(logits_ij)."""
     return -(targets * torch.log_softmax(logits, dim=1)).sum() / logits.shape[0]
-
-
-def _ce(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    n = logits.shape[0]
-    if labels is None:
-        return F.cross_entropy(logits, torch.arange(n, device=logits.device))
-    return _soft_ce(logits, target_matrix(labels, n, logits.device, logits.dtype))
 
 
 def channel_similarity_weights(channel_features: torch.Tensor, labels: torch.Tensor | None = None
@@ -266,7 +259,7 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias, *, labels=None,
     image_emb, text_emb, labels = _maybe_gather(gather, image_emb, text_emb, labels)
     img, txt, scale = _prep(image_emb, text_emb, logit_scale)
     if not torch.is_tensor(logit_bias):
-        logit_bias = torch.tensor(float(logit_bias))
+        logit_bias = torch.tensor(float(logit_bias), device=img.device, dtype=img.dtype)  # not via float32
     member = _groups(labels, img.shape[0], img.device, img.dtype)
     logits = scale * img @ _dedup_text(txt, member).t() + logit_bias.to(device=img.device, dtype=img.dtype)
     z = member * 2 - 1  # (B, U): +1 for the image's own prompt
