@@ -236,17 +236,39 @@ def test_store_with_non_unit_embeddings_is_refused_on_load(tmp_path, damage, wor
 
     from napari_cellclip.store import EmbeddingStore, StoreError
 
+    import json
+
     _store().save(tmp_path / "s")
     f = tmp_path / "s" / "embeddings.npy"
     emb = np.load(f)
     damage(emb)
     np.save(f, emb)
+    meta = tmp_path / "s" / "store.json"  # as a store without checksums (an older one, or another tool's)
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "checksums"}))
     for mmap in (False, True):
         with pytest.raises(StoreError, match=words) as exc:
             EmbeddingStore.load(tmp_path / "s", mmap=mmap)
         assert "embeddings.npy" in str(exc.value)
     _store(scale=1.0).save(tmp_path / "ok")
     assert EmbeddingStore.load(tmp_path / "ok").embeddings.shape == (4, 8)  # unit rows load
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy", "fields.parquet"])
+def test_a_flipped_bit_in_a_store_is_refused_on_load(tmp_path, name):
+    """The last bit of the last embedding (its row still unit length to 1e-7) or of the fields table:
+    the file no longer matches the checksum store.json holds for it."""
+    from napari_cellclip.store import EmbeddingStore, StoreError
+
+    _store().save(tmp_path / "s")
+    f = tmp_path / "s" / name
+    data = bytearray(f.read_bytes())
+    at = len(data) - 4 if name == "embeddings.npy" else len(data) // 2  # float32 low byte / inside a page
+    data[at] ^= 0x01
+    f.write_bytes(bytes(data))
+    for mmap in (False, True):
+        with pytest.raises(StoreError, match="do not match the checksum") as exc:
+            EmbeddingStore.load(tmp_path / "s", mmap=mmap)
+        assert name in str(exc.value)
 
 
 @pytest.mark.parametrize("text", ["\u200b\u200b", "\x07\x01\x1b", " \u200d\ufeff ", "\u2063"])

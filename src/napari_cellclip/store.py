@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ._fsutil import atomic_dir, atomic_file, atomic_write_text, discard, publish, temp_path
+from ._fsutil import atomic_dir, atomic_file, atomic_write_text, discard, file_digest, publish, temp_path
 from .errors import CellClipError, MetadataError
 
 __all__ = [
@@ -67,6 +67,22 @@ WELL_KEYS = ("Metadata_Plate", "Metadata_Well")
 
 class StoreError(CellClipError):
     """An embedding store folder is missing, incomplete or malformed."""
+
+
+def _check_sums(folder: Path, sums: dict) -> None:
+    """StoreError unless each file ``store.json`` has a checksum for matches it (stores written
+    before checksums have none: their rows are still checked for unit length)."""
+    for name in (_EMB_FILE, _FIELDS_FILE):
+        want = sums.get(name)
+        if not want:
+            continue
+        try:
+            got = file_digest(folder / name)
+        except OSError as e:
+            raise StoreError(f"{folder / name}: unreadable ({e})") from None
+        if got != want:
+            raise StoreError(f"{folder / name}: its contents do not match the checksum in {_META_FILE} (damaged "
+                             "or edited since it was written); embed the plate again")
 
 
 def _check_unit_rows(emb: np.ndarray, where, tol: float = 1e-3, chunk: int = 1 << 16) -> None:
@@ -278,6 +294,7 @@ class EmbeddingStore:
                 f"{path}: store format version {meta.get('version')} is newer than this "
                 f"napari-cellclip understands ({FORMAT_VERSION}); please upgrade"
             )
+        _check_sums(path, meta.get("checksums") or {})
         try:
             emb = np.load(path / _EMB_FILE, allow_pickle=False, mmap_mode="r" if mmap else None)
         except (OSError, ValueError) as e:
@@ -375,14 +392,17 @@ class StoreWriter:
             raise StoreError(f"{self.n} embeddings but {len(fields)} rows in the fields table")
         self._mm.flush()
         self._mm = None
+        sums = {_EMB_FILE: file_digest(self._tmp)}
         publish(self._tmp, self.folder / _EMB_FILE)
         self._tmp = None
         with atomic_file(self.folder / _FIELDS_FILE) as tmp:
             parquet_safe(fields).to_parquet(tmp, index=False)
+            sums[_FIELDS_FILE] = file_digest(tmp)
         if wells is not None:
             wells.save(self.folder / _WELLS_DIR)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "level": self.level,
-                "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {})))}
+                "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {}))),
+                "checksums": sums}  # blake2b of each file, checked on load (a flipped bit is not data)
         atomic_write_text(self.folder / _META_FILE, json.dumps(meta, indent=2))
 
     def __enter__(self) -> StoreWriter:
