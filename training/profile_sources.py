@@ -27,7 +27,7 @@ def _check_level(level: str) -> str:
     return level
 
 
-def embedding_profiles(model, wb, fields: pd.DataFrame, *, level: str = "well", device="cpu") -> Profiles:
+def embedding_profiles(model, wb, fields: pd.DataFrame, *, level: str = "well") -> Profiles:
     """CellCLIP image embeddings of the wells of ``wb`` (the model's multi-instance pooling of each
     well's fields) or of each field alone (a bag of one), as profiles."""
     from napari_cellclip.profiles import feature_names, profile_frame
@@ -148,7 +148,7 @@ def model_report(ev, metrics: Sequence[str], *, options: ProfilingOptions | None
     fields = ev.fields.iloc[rows].reset_index(drop=True)
     sources: dict[str, Profiles] = {}
     if "embeddings" in representations:
-        sources["embeddings"] = embedding_profiles(ev.model, ev.wells, ev.fields, level=level, device=ev.device)
+        sources["embeddings"] = embedding_profiles(ev.model, ev.wells, ev.fields, level=level)
     if "features" in representations:
         sources["features"] = channel_feature_profiles(ev.features[rows], fields, ev.encoder, level=level,
                                                        aggregate=aggregate, correction=ev.correction, corrected=True)
@@ -193,8 +193,8 @@ def _plate_profiles(data, representation: str, *, checkpoint, encoder, normaliza
     if checkpoint:
         ev = load_evaluation(checkpoint, data, correction=correction or "checkpoint", **load, **run)
         if representation == "embeddings":
-            return (embedding_profiles(ev.model, ev.wells, ev.fields, level="field", device=ev.device),
-                    embedding_profiles(ev.model, ev.wells, ev.fields, level="well", device=ev.device))
+            return (embedding_profiles(ev.model, ev.wells, ev.fields, level="field"),
+                    embedding_profiles(ev.model, ev.wells, ev.fields, level="well"))
         fields, feats, enc, spec = ev.fields, ev.features, ev.encoder, ev.correction
         field = (channel_feature_profiles(feats, fields, enc, level="field", correction=spec, corrected=True)
                  if representation == "features" else None)

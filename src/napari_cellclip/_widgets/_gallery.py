@@ -91,12 +91,12 @@ def grid_shape(k: int) -> tuple[int, int]:
     return max(1, math.ceil(k / cols)), cols
 
 
-def mosaic(tiles: np.ndarray, cols: int, gap: int, row_gap: int | None = None) -> np.ndarray:
+def mosaic(tiles: np.ndarray, cols: int, gap: int, row_gap: int) -> np.ndarray:
     """``(k, C, t, t)`` tiles → ``(C, H, W)`` grid, row by row, ``gap`` pixels apart (black);
-    rows ``row_gap`` pixels apart (default ``gap``), each row's labels sit in the gap above it."""
+    rows ``row_gap`` pixels apart, each row's labels sit in the gap above it."""
     k, c, t, _ = tiles.shape
     rows = max(1, math.ceil(k / cols))
-    step, row_step = t + gap, t + (gap if row_gap is None else row_gap)
+    step, row_step = t + gap, t + row_gap
     out = np.zeros((c, rows * row_step - (row_step - t), cols * step - gap), tiles.dtype)
     for i in range(k):
         r, q = divmod(i, cols)
@@ -219,7 +219,7 @@ def show_gallery(viewer, gallery: dict, table, stains: Sequence[str], *,
     factor, t, gap, cols = gallery["factor"], gallery["tile"], gallery["gap"], gallery["cols"]
     k = len(gallery["readable"])
     step = (t + gap) * factor * px  # world units from one tile to the next
-    row_step = (t + gallery.get("row_gap", gap)) * factor * px  # from one row to the next
+    row_step = (t + gallery["row_gap"]) * factor * px  # from one row to the next
     tile = t * factor * px
     origin = np.array([0.0, plate_w + max(step - tile, 0.08 * plate_w)])
     geometry = {"origin": origin.tolist(), "step": step, "row_step": row_step, "tile": tile, "cols": cols, "n": k}
@@ -294,7 +294,7 @@ def tile_at(viewer, world_yx) -> int | None:
     if labels is None:
         return None
     g = labels.metadata[GALLERY_KEY]
-    row_step = g.get("row_step", g["step"])
+    row_step = g["row_step"]
     dy, dx = np.asarray(world_yx[-2:], float) - np.asarray(g["origin"])
     y, x = dy / row_step, dx / g["step"]
     if y < 0 or x < 0 or x >= g["cols"]:
