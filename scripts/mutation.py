@@ -336,6 +336,8 @@ def main(argv=None) -> int:
         r.update(source=mod.source, tests=mod.tests, pytest_args=mod.pytest_args, minutes=seconds / 60,
                  date=_dt.date.today().isoformat(), commit=_git_commit(),
                  command=f"python scripts/mutation.py {name} --max-children {a.max_children}")
+        # re-read before writing: another run (another module) may have saved its rows meanwhile
+        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         results[name] = r
         RESULTS.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
         write_report(results)
