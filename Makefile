@@ -41,6 +41,7 @@ checkpoint: $(STAMP)
 
 ## Mutation testing, module by module (not in CI; see benchmarks/MUTATION.md). MODULES="ann store" for some.
 mutation: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[mutation]"
 	nice $(PY) scripts/mutation.py $(MODULES)
 
 clean:
