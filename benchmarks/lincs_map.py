@@ -23,6 +23,8 @@ fold is one AP, and its p-value cannot go below 1/C(8,2) = 0.036 (activity) or
 activity is significant only when both rank their replicates first.
 
     python benchmarks/lincs_map.py [--data-root ../shared/data/lincs-a549] [--seeds 0 1 2]
+        [--encoders morphology cells morphology+cells]   (rows (a), (b), (b') per encoder; default: morphology)
+        [--workers 2]   (DataLoader workers for feature extraction; the cells encoder measures in them)
         (default data root: $NAPARI_CELLCLIP_LINCS_DATA, else ../shared/data/lincs-a549 beside the repository)
         [--null-size 10000] [--output benchmarks/lincs_map.json] [--cache-dir DIR]
 
@@ -63,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--null-size", type=int, default=10000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--encoders", nargs="+", default=["morphology"],
+                   help="frozen encoders compared on the same folds, as fit --encoder (default: morphology)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for feature extraction (default: 0)")
     a = p.parse_args(argv)
     root = Path(a.data_root)
     if not (root / "images").is_dir():
@@ -76,14 +81,16 @@ def main(argv=None) -> int:
     runs = []
     work = Path(tempfile.mkdtemp(prefix="lincs-map-"))
     try:
-        for held in PLATES:
-            for seed in a.seeds:
-                runs.append(_fold(held, seed, plates, platemap, intensity, work, a))
-                _print_fold(runs[-1])
+        for enc in a.encoders:
+            for held in PLATES:
+                for seed in a.seeds:
+                    runs.append(_fold(held, seed, enc, plates, platemap, intensity, work, a))
+                    _print_fold(runs[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"command": "python benchmarks/lincs_map.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "data": str(root), "seeds": a.seeds, "null_size": a.null_size, "loadavg_start": _loadavg(),
+              "data": str(root), "seeds": a.seeds, "encoders": a.encoders, "null_size": a.null_size,
+              "loadavg_start": _loadavg(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "intensity_seconds": round(t_intensity, 1),
               "seconds": round(time.perf_counter() - t0, 1), "runs": runs, "summary": summarise(runs)}
     Path(a.output).write_text(json.dumps(report, indent=2, default=str))
@@ -108,19 +115,19 @@ def _intensity_table(plates, platemap):
     return intensity_profiles(fields, level="field", correction="center_scale").frame
 
 
-def _fold(held, seed, plates, platemap, intensity, work, a) -> dict:
+def _fold(held, seed, enc, plates, platemap, intensity, work, a) -> dict:
     from training.loop import evaluate, fit
     from training.profiling import ProfilingOptions
 
     train = [p for p in plates if Path(p).name != held]
-    out = work / f"fit-{held}-s{seed}"
+    out = work / f"fit-{enc.replace('+', '_')}-{held}-s{seed}"
     t0 = time.perf_counter()
-    fit(data=train, platemap=platemap, output=str(out), seed=seed, device=a.device, cache_dir=a.cache_dir,
-        quiet=True, no_progress=True)
+    fit(data=train, platemap=platemap, output=str(out), seed=seed, encoder=enc, device=a.device,
+        cache_dir=a.cache_dir, workers=a.workers, quiet=True, no_progress=True)
     t_fit = time.perf_counter() - t0
     opts = ProfilingOptions(query_plates=[held], null_size=a.null_size, seed=0)
-    common = dict(platemap=platemap, device=a.device, cache_dir=a.cache_dir, quiet=True, no_progress=True,
-                  metrics=("replicate", "activity"))
+    common = dict(platemap=platemap, device=a.device, cache_dir=a.cache_dir, workers=a.workers, quiet=True,
+                  no_progress=True, metrics=("replicate", "activity"))
     rep = evaluate(out, plates, **common, profiling=dict(options=opts, representations=("embeddings", "features"),
                                                           tables=[("intensity", intensity)]))
     cs = evaluate(out, plates, correction="center_scale", **common,
@@ -129,7 +136,7 @@ def _fold(held, seed, plates, platemap, intensity, work, a) -> dict:
     sources = dict(rep["profiling"]["sources"])
     sources["features_center_scale"] = cs["profiling"]["sources"]["features"]
     keep = ("source", "well_profiles", "n_profiles", "n_features", "replicate", "activity")
-    return {"test_plate": held, "seed": seed, "fit_seconds": round(t_fit, 1),
+    return {"encoder": enc, "test_plate": held, "seed": seed, "fit_seconds": round(t_fit, 1),
             "sources": {k: {f: v[f] for f in keep if f in v} for k, v in sources.items()}}
 
 
@@ -139,19 +146,35 @@ def _print_fold(run):
         s = run["sources"][key]
         cells.append(f"{key}: rep {s['replicate'].get('mAP', float('nan')):.2f} "
                      f"act {s['activity'].get('mAP', float('nan')):.2f}")
-    print(f"test={run['test_plate']} seed={run['seed']} (fit {run['fit_seconds']:.0f}s): " + " | ".join(cells),
-          flush=True)
+    print(f"encoder={run['encoder']} test={run['test_plate']} seed={run['seed']} (fit {run['fit_seconds']:.0f}s): "
+          + " | ".join(cells), flush=True)
+
+
+def _rows(runs):
+    """(summary key, label, source key, runs) per table row: (a), (b), (b') for each encoder in the
+    order run, then (c) once (the intensity baseline does not depend on the encoder)."""
+    encoders = list(dict.fromkeys(r["encoder"] for r in runs))
+    rows = []
+    for enc in encoders:
+        mine = [r for r in runs if r["encoder"] == enc]
+        for key, label in ROWS[:-1]:
+            name = key if len(encoders) == 1 else f"{enc}:{key}"
+            rows.append((name, label.replace("morphology", enc) + ("" if key != "embeddings" else f" [{enc}]"),
+                         key, mine))
+    key, label = ROWS[-1]
+    rows.append((key, label, key, [r for r in runs if r["encoder"] == encoders[0]]))
+    return rows
 
 
 def summarise(runs) -> dict:
-    """Per representation: mean mAP over folds x seeds, per-compound means, significant groups."""
+    """Per row of :func:`_rows`: mean mAP over folds x seeds, per-compound means, significant groups."""
     import numpy as np
 
     out = {}
-    for key, label in ROWS:
+    for name, label, key, mine in _rows(runs):
         row = {"label": label}
         for metric in ("replicate", "activity"):
-            res = [r["sources"][key][metric] for r in runs]
+            res = [r["sources"][key][metric] for r in mine]
             scored = [x for x in res if "mAP" in x]
             per = {}
             for x in scored:
@@ -163,7 +186,7 @@ def summarise(runs) -> dict:
                            "significant": int(sum(x["n_significant"] for x in scored)),
                            "groups": int(sum(x["n_groups"] for x in scored)),
                            "not_computed": [x["not_computed"] for x in res if "not_computed" in x]}
-        out[key] = row
+        out[name] = row
     return out
 
 
