@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 
 from .errors import CellClipError, CheckpointError, CellClipWarning
 
@@ -94,15 +95,23 @@ def control_mask(fields) -> np.ndarray:
     n = len(fields)
     cols = getattr(fields, "columns", ())
     if "Metadata_control_type" in cols:
-        ct = fields["Metadata_control_type"].fillna("").astype(str).str.lower().to_numpy()
+        ct = np.char.lower(_filled(fields["Metadata_control_type"], "").astype(str))
         if (ct != "").any():
             return ct == "negcon"
     if "Metadata_is_control" in cols:
-        vals = fields["Metadata_is_control"]
-        return vals.fillna(False).astype(bool).to_numpy()
+        return _filled(fields["Metadata_is_control"], False).astype(bool)
     if "Metadata_pert_iname" in cols:
-        return fields["Metadata_pert_iname"].fillna("").astype(str).str.upper().isin(["DMSO"]).to_numpy()
+        return np.char.upper(_filled(fields["Metadata_pert_iname"], "").astype(str)) == "DMSO"
     return np.zeros(n, dtype=bool)
+
+
+def _filled(column, fill) -> np.ndarray:
+    # A copy as objects with the missing values set to ``fill``.  Not Series.fillna: an empty or
+    # numeric column (read from csv / parquet) is float, and filling it with a str or bool is
+    # deprecated in pandas 3 (Pandas4Warning) and an error in pandas 4.
+    vals = np.array(column, dtype=object)
+    vals[pd.isna(vals)] = fill
+    return vals
 
 
 def plate_keys(fields) -> np.ndarray:
@@ -158,7 +167,7 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
         mu = xr.mean(axis=0)
         y = x[rows] - mu.astype(np.float32)
         if scale:
-            std = xr.std(axis=0) if ref.size > 1 else np.zeros_like(mu)
+            std = xr.std(axis=0)  # zeros for a single control field
             y = y / _scale_from_std(std, eps)
         out[rows] = y
     return out
@@ -194,7 +203,7 @@ def ledoit_wolf_shrinkage(xc: np.ndarray) -> float:
     return float(min(max(beta, 0.0), delta) / delta)
 
 
-def _whitening(x: np.ndarray, eps: float, shrinkage="auto") -> tuple[np.ndarray, np.ndarray, float]:
+def _whitening(x: np.ndarray, eps: float, shrinkage) -> tuple[np.ndarray, np.ndarray, float]:
     """ZCA whitening (mean, W, shrinkage) of rows x (n, d) with a shrunk covariance:
     (x - mean) @ W has ~identity covariance when there are enough rows."""
     mu = x.mean(axis=0)
