@@ -4,7 +4,9 @@ metadata, method names and options of a spec, and the exact errors and warnings.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -129,11 +131,20 @@ def test_warnings_point_at_the_users_call():
     f = pd.DataFrame({"Metadata_Plate": ["P"] * 4, "Metadata_control_type": ["trt"] * 4})
     with pytest.warns(CellClipWarning) as seen:
         corr.apply(x, f, corr.make_spec("center_scale"))
-    assert [w.filename for w in seen] == [__file__]
+    _assert_points_here([w.filename for w in seen], 1)
     with pytest.warns(CellClipWarning) as seen:
         corr.fit(x, f, corr.make_spec("tvn"))
-    assert len(seen) == 2 and [w.filename for w in seen] == [__file__, __file__]
+    _assert_points_here([w.filename for w in seen], 2)
     assert str(seen[1].message) == "TVN: no negative-control fields in the training data; whitening on all fields"
+
+
+def _assert_points_here(filenames, n):
+    assert len(filenames) == n
+    assert not any(Path(f) == Path(corr.__file__) for f in filenames)
+    # mutmut (scripts/mutation.py) runs the tests through trampolines that add stack frames
+    # between the test and the library; there only "not inside correction.py" holds
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        assert filenames == [__file__] * n
 
 
 # ---------------------------------------------------------------------- features vs table

@@ -95,22 +95,22 @@ def control_mask(fields) -> np.ndarray:
     n = len(fields)
     cols = getattr(fields, "columns", ())
     if "Metadata_control_type" in cols:
-        ct = np.char.lower(_filled(fields["Metadata_control_type"], "").astype(str))
+        ct = np.char.lower(_filled(fields["Metadata_control_type"]).astype(str))
         if (ct != "").any():
             return ct == "negcon"
     if "Metadata_is_control" in cols:
-        return _filled(fields["Metadata_is_control"], False).astype(bool)
+        return _filled(fields["Metadata_is_control"]).astype(bool)
     if "Metadata_pert_iname" in cols:
-        return np.char.upper(_filled(fields["Metadata_pert_iname"], "").astype(str)) == "DMSO"
+        return np.char.upper(_filled(fields["Metadata_pert_iname"]).astype(str)) == "DMSO"
     return np.zeros(n, dtype=bool)
 
 
-def _filled(column, fill) -> np.ndarray:
-    # A copy as objects with the missing values set to ``fill``.  Not Series.fillna: an empty or
-    # numeric column (read from csv / parquet) is float, and filling it with a str or bool is
-    # deprecated in pandas 3 (Pandas4Warning) and an error in pandas 4.
+def _filled(column) -> np.ndarray:
+    # A copy as objects with the missing values set to "" (false, no control type, no compound).
+    # Not Series.fillna: an empty or numeric column (read from csv / parquet) is float, and filling
+    # it with a str or bool is deprecated in pandas 3 (Pandas4Warning) and an error in pandas 4.
     vals = np.array(column, dtype=object)
-    vals[pd.isna(vals)] = fill
+    vals[pd.isna(vals)] = ""
     return vals
 
 
