@@ -137,7 +137,7 @@ def _scale_from_std(std: np.ndarray, eps: float) -> np.ndarray:
     # nothing explodes: at least eps and at least 1e-3 of the typical spread.
     pos = std[std > 0]
     typical = float(np.median(pos)) if pos.size else 1.0
-    return np.maximum(std, max(eps, 1e-3 * typical)).astype(np.float32)
+    return np.maximum(std, max(eps, 1e-3 * typical))
 
 
 def _no_controls_message(plate, n: int) -> str:
@@ -165,7 +165,9 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
             ref = rows
         xr = x[ref].astype(np.float64)
         mu = xr.mean(axis=0)
-        y = x[rows] - mu.astype(np.float32)
+        # in float64, stored as float32: subtracting a float32-rounded mean would leave its rounding
+        # (up to half a float32 step of the raw values) on every field
+        y = x[rows] - mu
         if scale:
             std = xr.std(axis=0)  # zeros for a single control field
             y = y / _scale_from_std(std, eps)
