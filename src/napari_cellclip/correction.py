@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 
 from .errors import CellClipError, CheckpointError, CellClipWarning
 
@@ -94,15 +95,23 @@ def control_mask(fields) -> np.ndarray:
     n = len(fields)
     cols = getattr(fields, "columns", ())
     if "Metadata_control_type" in cols:
-        ct = fields["Metadata_control_type"].fillna("").astype(str).str.lower().to_numpy()
+        ct = np.char.lower(_filled(fields["Metadata_control_type"]).astype(str))
         if (ct != "").any():
             return ct == "negcon"
     if "Metadata_is_control" in cols:
-        vals = fields["Metadata_is_control"]
-        return vals.fillna(False).astype(bool).to_numpy()
+        return _filled(fields["Metadata_is_control"]).astype(bool)
     if "Metadata_pert_iname" in cols:
-        return fields["Metadata_pert_iname"].fillna("").astype(str).str.upper().isin(["DMSO"]).to_numpy()
+        return np.char.upper(_filled(fields["Metadata_pert_iname"]).astype(str)) == "DMSO"
     return np.zeros(n, dtype=bool)
+
+
+def _filled(column) -> np.ndarray:
+    # A copy as objects with the missing values set to "" (false, no control type, no compound).
+    # Not Series.fillna: an empty or numeric column (read from csv / parquet) is float, and filling
+    # it with a str or bool is deprecated in pandas 3 (Pandas4Warning) and an error in pandas 4.
+    vals = np.array(column, dtype=object)
+    vals[pd.isna(vals)] = ""
+    return vals
 
 
 def plate_keys(fields) -> np.ndarray:
@@ -128,7 +137,7 @@ def _scale_from_std(std: np.ndarray, eps: float) -> np.ndarray:
     # nothing explodes: at least eps and at least 1e-3 of the typical spread.
     pos = std[std > 0]
     typical = float(np.median(pos)) if pos.size else 1.0
-    return np.maximum(std, max(eps, 1e-3 * typical)).astype(np.float32)
+    return np.maximum(std, max(eps, 1e-3 * typical))
 
 
 def _no_controls_message(plate, n: int) -> str:
@@ -156,9 +165,11 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
             ref = rows
         xr = x[ref].astype(np.float64)
         mu = xr.mean(axis=0)
-        y = x[rows] - mu.astype(np.float32)
+        # in float64, stored as float32: subtracting a float32-rounded mean would leave its rounding
+        # (up to half a float32 step of the raw values) on every field
+        y = x[rows] - mu
         if scale:
-            std = xr.std(axis=0) if ref.size > 1 else np.zeros_like(mu)
+            std = xr.std(axis=0)  # zeros for a single control field
             y = y / _scale_from_std(std, eps)
         out[rows] = y
     return out
@@ -194,7 +205,7 @@ def ledoit_wolf_shrinkage(xc: np.ndarray) -> float:
     return float(min(max(beta, 0.0), delta) / delta)
 
 
-def _whitening(x: np.ndarray, eps: float, shrinkage="auto") -> tuple[np.ndarray, np.ndarray, float]:
+def _whitening(x: np.ndarray, eps: float, shrinkage) -> tuple[np.ndarray, np.ndarray, float]:
     """ZCA whitening (mean, W, shrinkage) of rows x (n, d) with a shrunk covariance:
     (x - mean) @ W has ~identity covariance when there are enough rows."""
     mu = x.mean(axis=0)
