@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def _check_unit_rows(emb: np.ndarray, where, tol: float = 1e-3, chunk: int = 1 <
     they are, so a damaged or hand-made file would otherwise score outside [-1, 1]."""
     for a in range(0, len(emb), chunk):
         block = np.asarray(emb[a:a + chunk], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1) if block.size else np.zeros(0, np.float32)
+        norms = np.linalg.norm(block, axis=1)
         bad = ~np.isfinite(norms) | ((np.abs(norms - 1) > tol) & (norms > tol))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -400,6 +401,8 @@ class StoreWriter:
             sums[_FIELDS_FILE] = file_digest(tmp)
         if wells is not None:
             wells.save(self.folder / _WELLS_DIR)
+        else:  # an older store's wells in the folder belong to other rows
+            shutil.rmtree(self.folder / _WELLS_DIR, ignore_errors=True)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "level": self.level,
                 "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {}))),
                 "checksums": sums}  # blake2b of each file, checked on load (a flipped bit is not data)
@@ -423,8 +426,6 @@ def has_store_files(folder) -> bool:
 
 def remove_store(folder) -> None:
     """Delete the store files in ``folder`` (its embeddings, fields, wells and store.json)."""
-    import shutil
-
     folder = Path(folder)
     for name in (_META_FILE, _EMB_FILE, _FIELDS_FILE):
         (folder / name).unlink(missing_ok=True)
