@@ -348,8 +348,9 @@ def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, np.ndar
     codes = fields.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
     n_wells = int(codes.max()) + 1 if len(codes) else 0
     counts = np.bincount(codes, minlength=n_wells)
+    starts = np.cumsum(counts) - counts  # where each well's rows begin in `order`
     order = np.argsort(codes, kind="stable")
-    first = order[np.concatenate([[0], np.cumsum(counts)[:-1]])] if n_wells else np.zeros(0, np.int64)
+    first = order[starts]
     table = fields.iloc[first][keys].reset_index(drop=True)
     meta = [c for c in metadata_columns(fields) if c not in keys and c != "Metadata_n_fields"]
     if meta:
@@ -359,7 +360,7 @@ def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, np.ndar
             table = pd.concat([table, fields.iloc[first][constant].reset_index(drop=True)], axis=1)
     table["Metadata_n_fields"] = counts.astype(np.int64)
     bag_index = np.full((n_wells, int(counts.max()) if n_wells else 0), -1, dtype=np.int64)
-    slot = np.arange(len(codes)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    slot = np.arange(len(codes)) - np.repeat(starts, counts)
     bag_index[codes[order], slot] = order
     return codes, table, bag_index
 
