@@ -303,6 +303,15 @@ def test_rows_within_tolerance_and_zero_rows_load(tmp_path):
     np.testing.assert_array_equal(back.embeddings, emb)
 
 
+def test_rows_no_longer_than_the_tolerance_count_as_zero_rows(tmp_path):
+    emb = _unit(3)
+    emb[1] = (np.float32(1e-3), 0, 0, 0)  # as short as the tolerance: a zero row up to rounding
+    back = EmbeddingStore.load(_write_raw(tmp_path / "a", emb))
+    np.testing.assert_array_equal(back.embeddings[1], emb[1])
+    emb[1] = (np.float32(2e-3), 0, 0, 0)  # longer: neither zero nor unit
+    assert "row 1 has length 0.002" in _bad_rows_message(tmp_path / "b", emb)
+
+
 def test_rows_are_checked_beyond_the_first_chunks(tmp_path):
     """Large stores are checked in chunks of 65 536 rows: a bad row far down is still found."""
     n = 140_000
@@ -346,3 +355,69 @@ def test_remove_store_removes_only_the_store_files(tmp_path):
     (folder / "embeddings.npy").write_bytes(b"partial")  # an incomplete store, no wells
     remove_store(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["run.log"]
+
+
+# ------------------------------------------------------------------ checksums
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    # embeddings: the low byte of the last float (its row still unit length); fields: inside a page
+    at = len(data) - 4 if path.name == "embeddings.npy" else len(data) // 2
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["embeddings.npy", "fields.parquet"])
+def test_a_flipped_bit_is_refused_naming_the_file(tmp_path, name):
+    folder = _write_raw(tmp_path / "s", _unit(4))
+    assert set(_meta(folder)["checksums"]) == {"embeddings.npy", "fields.parquet"}
+    _flip_a_bit(folder / name)
+    for mmap in (False, True):
+        with pytest.raises(StoreError, match=f"^{folder / name}: its contents do not match the checksum in "
+                                             r"store\.json \(damaged or edited since it was written\); "
+                                             "embed the plate again$"):
+            EmbeddingStore.load(folder, mmap=mmap)
+
+
+def test_each_file_is_checked_against_its_own_checksum(tmp_path):
+    """A store.json with a checksum for the fields table only (the embeddings' one left out)."""
+    folder = _write_raw(tmp_path / "s", _unit(4))
+    sums = _meta(folder)["checksums"]
+    _edit_meta(folder, checksums={"fields.parquet": sums["fields.parquet"]})
+    EmbeddingStore.load(folder)  # intact: loads
+    _flip_a_bit(folder / "fields.parquet")
+    with pytest.raises(StoreError, match="fields.parquet: its contents do not match"):
+        EmbeddingStore.load(folder)
+
+
+def test_a_read_error_while_checking_is_a_store_error(tmp_path, monkeypatch):
+    import napari_cellclip.store as store_mod
+
+    folder = _write_raw(tmp_path / "s", _unit(4))
+
+    def failing_digest(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_mod, "file_digest", failing_digest)  # a disk that fails while reading
+    with pytest.raises(StoreError, match=f"^{folder / 'embeddings.npy'}: unreadable \\(.*Input/output error\\)$"):
+        EmbeddingStore.load(folder)
+
+
+# ------------------------------------------------------------------ finite values
+def test_a_non_finite_first_row_is_refused():
+    emb = _unit(3)
+    emb[0, 2] = np.nan
+    with pytest.raises(StoreError, match="NaN or infinite"):
+        EmbeddingStore(emb, _fields(3, 1), "m", normalize=False)
+
+
+def test_checking_a_large_store_for_finite_values_is_one_pass():
+    """A million rows (as a memory-mapped store is loaded): chunks of rows, each read once."""
+    import time
+
+    n = 1_000_000
+    emb = np.zeros((n, 1), np.float32)
+    emb[:, 0] = 1.0
+    fields = pd.DataFrame({"Metadata_Site": np.arange(n)})
+    t0 = time.perf_counter()
+    EmbeddingStore(emb, fields, "m", normalize=False)
+    assert time.perf_counter() - t0 < 1.0  # ~10 ms; reading each row's chunk again takes seconds

@@ -99,6 +99,7 @@ def test_export_without_coordinates(tmp_path):
 def test_parquet_safe_turns_mixed_columns_into_text_and_keeps_missing_values(tmp_path):
     f = pd.DataFrame({
         "Metadata_dose": pd.Series([10, "1 uM", None, np.nan, 2.5], dtype=object),
+        "Metadata_plate_id": pd.Series([1, "B2", 3, None, 5], dtype=object),  # numbers and text only
         "Metadata_is_control": pd.Series([True, False, None, True, False], dtype=object),
         "Metadata_count": pd.Series([1, 2, None, 4, 5], dtype=object),
         "Metadata_name": pd.Series(["a", None, "c", np.nan, "e"], dtype=object),
@@ -106,12 +107,13 @@ def test_parquet_safe_turns_mixed_columns_into_text_and_keeps_missing_values(tmp
         7: [1.0, 2.0, 3.0, 4.0, 5.0],
     })
     safe = parquet_safe(f)
-    assert list(safe.columns) == ["Metadata_dose", "Metadata_is_control", "Metadata_count", "Metadata_name",
-                                  "Metadata_folder", "7"]
+    assert list(safe.columns) == ["Metadata_dose", "Metadata_plate_id", "Metadata_is_control", "Metadata_count",
+                                  "Metadata_name", "Metadata_folder", "7"]
     assert f["Metadata_dose"].tolist()[0] == 10 and 7 in f.columns  # the input is left alone
     st = EmbeddingStore(_unit(5), safe, "m")
     back = EmbeddingStore.load(st.save(tmp_path / "s")).fields
     assert _values(back["Metadata_dose"]) == ["10", "1 uM", None, None, "2.5"]  # missing stays missing
+    assert _values(back["Metadata_plate_id"]) == ["1", "B2", "3", None, "5"]
     # columns of one plain kind keep their values (booleans stay booleans, numbers numbers)
     assert _values(back["Metadata_is_control"]) == [True, False, None, True, False]
     assert _values(back["Metadata_count"]) == [1, 2, None, 4, 5]
@@ -199,3 +201,9 @@ def test_l2_normalize_vectors_and_rows_as_float32():
     assert rows.dtype == np.float32
     np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0], [0.0, 1.0]], rtol=1e-6)
     np.testing.assert_array_equal(l2_normalize(np.zeros(3)), np.zeros(3, np.float32))
+
+
+def test_l2_normalize_stacks_along_the_last_axis():
+    x = np.zeros((2, 3, 2))
+    x[..., 0], x[..., 1] = 3.0, 4.0  # every vector along the last axis is (3, 4)
+    np.testing.assert_allclose(l2_normalize(x), np.broadcast_to([0.6, 0.8], (2, 3, 2)), rtol=1e-6)
