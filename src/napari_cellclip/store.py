@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def _check_unit_rows(emb: np.ndarray, where, tol: float = 1e-3, chunk: int = 1 <
     they are, so a damaged or hand-made file would otherwise score outside [-1, 1]."""
     for a in range(0, len(emb), chunk):
         block = np.asarray(emb[a:a + chunk], dtype=np.float32)
-        norms = np.linalg.norm(block, axis=1) if block.size else np.zeros(0, np.float32)
+        norms = np.linalg.norm(block, axis=1)
         bad = ~np.isfinite(norms) | ((np.abs(norms - 1) > tol) & (norms > tol))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -347,8 +348,9 @@ def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, np.ndar
     codes = fields.groupby(keys, sort=True, dropna=False).ngroup().to_numpy()
     n_wells = int(codes.max()) + 1 if len(codes) else 0
     counts = np.bincount(codes, minlength=n_wells)
+    starts = np.cumsum(counts) - counts  # where each well's rows begin in `order`
     order = np.argsort(codes, kind="stable")
-    first = order[np.concatenate([[0], np.cumsum(counts)[:-1]])] if n_wells else np.zeros(0, np.int64)
+    first = order[starts]
     table = fields.iloc[first][keys].reset_index(drop=True)
     meta = [c for c in metadata_columns(fields) if c not in keys and c != "Metadata_n_fields"]
     if meta:
@@ -358,7 +360,7 @@ def well_groups(fields: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, np.ndar
             table = pd.concat([table, fields.iloc[first][constant].reset_index(drop=True)], axis=1)
     table["Metadata_n_fields"] = counts.astype(np.int64)
     bag_index = np.full((n_wells, int(counts.max()) if n_wells else 0), -1, dtype=np.int64)
-    slot = np.arange(len(codes)) - np.repeat(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    slot = np.arange(len(codes)) - np.repeat(starts, counts)
     bag_index[codes[order], slot] = order
     return codes, table, bag_index
 
@@ -400,6 +402,8 @@ class StoreWriter:
             sums[_FIELDS_FILE] = file_digest(tmp)
         if wells is not None:
             wells.save(self.folder / _WELLS_DIR)
+        else:  # an older store's wells in the folder belong to other rows
+            shutil.rmtree(self.folder / _WELLS_DIR, ignore_errors=True)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "model_id": self.model_id, "level": self.level,
                 "n": self.n, "dim": self.dim, "info": jsonable(dict(self.info, **(info or {}))),
                 "checksums": sums}  # blake2b of each file, checked on load (a flipped bit is not data)
@@ -423,8 +427,6 @@ def has_store_files(folder) -> bool:
 
 def remove_store(folder) -> None:
     """Delete the store files in ``folder`` (its embeddings, fields, wells and store.json)."""
-    import shutil
-
     folder = Path(folder)
     for name in (_META_FILE, _EMB_FILE, _FIELDS_FILE):
         (folder / name).unlink(missing_ok=True)
