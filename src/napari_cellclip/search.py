@@ -89,7 +89,7 @@ class ExactSearcher:
         k = max(0, min(int(k), n))
         rows = np.empty((s.shape[0], k), dtype=np.int64)
         for i, si in enumerate(s):
-            if k < n:
+            if 0 < k < n:  # k == 0: nothing to partition (an empty answer, like the ANN index's)
                 cand = np.argpartition(-si, k - 1)[:k]
                 # include every row tied with the k-th score so tie-breaking is by row
                 kth = si[cand].min()
