@@ -65,7 +65,8 @@ def test_top_k_one_gives_the_single_best():
     res = rank(st, q, top_k=1)
     assert res["row"].tolist() == [_brute(st.embeddings, q)[0]]
     assert image_query(st, 11, top_k=1)["row"].tolist() == [11]
-    assert image_query(st, 11, top_k=1, exclude_self=True)["row"].tolist() == [_brute(st.embeddings, st.embeddings[11])[1]]
+    nearest_other = _brute(st.embeddings, st.embeddings[11])[1]
+    assert image_query(st, 11, top_k=1, exclude_self=True)["row"].tolist() == [nearest_other]
     for bad in (0, -3):
         with pytest.raises(QueryError, match=re.escape(f"top_k must be at least 1, got {bad}")):
             image_query(st, 11, top_k=bad)
@@ -84,15 +85,19 @@ def test_an_empty_store_says_nothing_is_embedded():
 
 
 # -------------------------------------------------------------------- query validation
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_malformed_queries_are_refused_with_their_reason():
     st = _store()
     for bad in (np.ones((2, 3, E)), np.zeros((0, E))):
-        with pytest.raises(QueryError, match=re.escape(f"query must be a vector (E,) or a stack (Q, E), got shape {bad.shape}")):
+        msg = f"query must be a vector (E,) or a stack (Q, E), got shape {bad.shape}"
+        with pytest.raises(QueryError, match=re.escape(msg)):
             rank(st, bad)
-    with pytest.raises(QueryError, match=re.escape(
-            "query has 7 dimensions but the store's embeddings have 6: was the store embedded with a different checkpoint?")):
+    msg = ("query has 7 dimensions but the store's embeddings have 6: "
+           "was the store embedded with a different checkpoint?")
+    with pytest.raises(QueryError, match=re.escape(msg)):
         rank(st, np.ones(E + 1))
-    for bad in (np.full(E, np.nan), np.r_[np.inf, np.ones(E - 1)], [1e39] + [0.0] * (E - 1)):  # 1e39 overflows float32
+    overflow = [1e39] + [0.0] * (E - 1)  # finite in float64, infinite in float32
+    for bad in (np.full(E, np.nan), np.r_[np.inf, np.ones(E - 1)], overflow):
         with pytest.raises(QueryError, match="^query vector contains NaN or infinite values$"):
             rank(st, bad)
     with pytest.raises(QueryError, match="^query vector is all zeros$"):
