@@ -107,6 +107,20 @@ def test_malformed_queries_are_refused_with_their_reason():
         rank(st.well_level(), np.ones(E), level="field")
 
 
+def test_a_stack_of_queries_ranks_by_their_mean_direction():
+    st = _store()
+    a, b = np.eye(E)[0], np.eye(E)[1] * 5.0  # unit-normalised before averaging: b's length does not count
+    res = rank(st, np.stack([a, b]), top_k=None)
+    assert res["row"].tolist() == _brute(st.embeddings, a + b / 5.0).tolist()
+    msg = "^the query vectors cancel out \\(their mean is zero\\): nothing to rank by$"
+    with pytest.raises(QueryError, match=msg):
+        rank(st, np.stack([a, -a]))
+    line = EmbeddingStore(np.array([[1.0], [-1.0], [1.0]]), st.fields.iloc[:3], "m-1")  # also in one dimension
+    with pytest.raises(QueryError, match=msg):
+        rank(line, np.array([[2.0], [-3.0]]))
+    assert rank(line, np.array([[2.0], [3.0]]))["row"].tolist() == [0, 2, 1]
+
+
 def test_torch_queries_rank_like_numpy_ones():
     torch = pytest.importorskip("torch")
     st = _store()

@@ -204,6 +204,8 @@ def rank(
     if len(st) == 0:
         raise QueryError("nothing is embedded yet: the store is empty")
     q = _combine(_prepare_queries(query_vec, st.dim))
+    if not np.any(q):  # opposite query vectors: every row would score 0, in row order
+        raise QueryError("the query vectors cancel out (their mean is zero): nothing to rank by")
     k = len(st) if top_k is None else int(top_k)
     if k < 1:
         raise QueryError(f"top_k must be at least 1, got {top_k}")
