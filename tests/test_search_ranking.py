@@ -58,6 +58,17 @@ def test_default_top_k_is_twenty_results():
     assert len(image_query(st, 3)) == 20
     assert len(search.more_like_this(st, 3)) == 20
 
+    class Model:  # the text tower: any prompt -> the same vector
+        training = False
+
+        def eval(self):
+            return self
+
+        def encode_prompts(self, texts, batch_size=64):
+            return np.ones((len(texts), E), np.float32)
+
+    assert len(search.text_query(Model(), st, "cells")) == 20
+
 
 def test_top_k_one_gives_the_single_best():
     st = _store()
@@ -102,8 +113,8 @@ def test_malformed_queries_are_refused_with_their_reason():
             rank(st, bad)
     with pytest.raises(QueryError, match="^query vector is all zeros$"):
         rank(st, np.zeros(E))
-    with pytest.raises(QueryError, match=re.escape(
-            "this store holds well-level embeddings; field-level search needs a field-level store")):
+    msg = "this store holds well-level embeddings; field-level search needs a field-level store"
+    with pytest.raises(QueryError, match=f"^{re.escape(msg)}$"):
         rank(st.well_level(), np.ones(E), level="field")
 
 
