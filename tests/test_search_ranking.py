@@ -211,3 +211,20 @@ def test_a_store_of_exactly_the_threshold_size_uses_the_ann_index(monkeypatch):
     assert isinstance(get_searcher(_store(30)), Fake) and made == [30]
     assert not isinstance(get_searcher(_store(29)), Fake) and made == [30]
     assert type(get_searcher(_store(30), exact=True)) is ExactSearcher
+
+
+def test_image_query_asks_the_searcher_for_one_row_more_than_it_shows(monkeypatch):
+    """The query row itself plus top_k others: a larger k would cost an ANN index more (and can switch
+    it to exact search), a smaller one would come up a row short with exclude_self."""
+    st = _store(30)
+    asked = []
+
+    class Spy(ExactSearcher):
+        def search(self, queries, k):
+            asked.append(k)
+            return super().search(queries, k)
+
+    monkeypatch.setattr(search, "get_searcher", lambda store, exact=False: Spy(store.embeddings))
+    assert len(image_query(st, 5, top_k=4, exclude_self=True)) == 4
+    assert len(image_query(st, 5, top_k=29)) == 29 and len(image_query(st, 5, top_k=None)) == 30
+    assert asked == [5, 30, 30]
