@@ -74,7 +74,9 @@ MODULES: dict[str, Module] = {
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py"]),
     "plates": Module("src/napari_cellclip/plates.py", ["tests/test_plates.py", "tests/test_plate_sampling.py"]),
     "search": Module("src/napari_cellclip/search.py",
-                     ["tests/test_search.py", "tests/test_ann.py", "tests/test_ann_behaviour.py"]),
+                     ["tests/test_search.py", "tests/test_ann.py", "tests/test_ann_behaviour.py",
+                      "tests/test_search_ranking.py", "tests/test_search_zero_shot.py",
+                      "tests/test_search_control.py"]),
     # the training loop lives in training/train.py since the one-road split (loop.py is its entry point)
     "training/train": Module("training/train.py", ["tests/test_training.py", "tests/test_training_resume.py"],
                              ["-k", "not cli and not subcommand and not default_fit"]),

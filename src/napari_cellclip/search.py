@@ -89,7 +89,7 @@ class ExactSearcher:
         k = max(0, min(int(k), n))
         rows = np.empty((s.shape[0], k), dtype=np.int64)
         for i, si in enumerate(s):
-            if k < n:
+            if 0 < k < n:  # k == 0: nothing to partition (an empty answer, like the ANN index's)
                 cand = np.argpartition(-si, k - 1)[:k]
                 # include every row tied with the k-th score so tie-breaking is by row
                 kth = si[cand].min()
@@ -190,7 +190,8 @@ def rank(
     query_vec
         ``(E,)`` vector or ``(Q, E)`` stack (numpy or torch; need not be normalised).
         A stack is combined into one query: the mean of its unit vectors, renormalised
-        (CLIP-style prompt ensembling); ``score`` is the cosine to that vector.
+        (CLIP-style prompt ensembling); ``score`` is the cosine to that vector.  A stack
+        whose unit vectors cancel out (mean zero) is a :class:`QueryError`.
     top_k
         Number of results (clipped to the store size); ``None`` = all.
     level
@@ -204,6 +205,8 @@ def rank(
     if len(st) == 0:
         raise QueryError("nothing is embedded yet: the store is empty")
     q = _combine(_prepare_queries(query_vec, st.dim))
+    if not np.any(q):  # opposite query vectors: every row would score 0, in row order
+        raise QueryError("the query vectors cancel out (their mean is zero): nothing to rank by")
     k = len(st) if top_k is None else int(top_k)
     if k < 1:
         raise QueryError(f"top_k must be at least 1, got {top_k}")
