@@ -97,8 +97,9 @@ def test_calibration_queries_are_each_stored_row_once_half_near_half_far():
     cos = q @ x.T
     assert (np.argmax(cos, axis=1) == np.arange(64)).all()
     own = np.diag(cos)
-    assert (own[0::2] > 0.83).all() and (own[0::2] < 0.95).all(), own[0::2]
-    assert (own[1::2] > 0.5).all() and (own[1::2] < 0.75).all(), own[1::2]
+    near, far = own[0::2], own[1::2]
+    assert 0.86 < near.mean() < 0.92 and near.min() > 0.8, near
+    assert 0.58 < far.mean() < 0.70 and far.max() < 0.85, far
 
 
 def test_fewer_queries_than_rows_use_distinct_rows():

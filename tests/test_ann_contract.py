@@ -131,6 +131,15 @@ def test_k_up_to_the_limit_is_answered_by_faiss_above_it_needs_the_embeddings(tm
         bare.search(q, ann.MAX_ANN_K + 1)
 
 
+def test_a_freshly_built_index_answers_large_k_exactly(x):
+    idx = ann.build_index(x, nlist=32, use_gpu=False)
+    q = x[[4, 40]]
+    s, r = idx.search(q, ann.MAX_ANN_K + 1)
+    truth, sc = _brute_rows(x, q, ann.MAX_ANN_K + 1)
+    np.testing.assert_array_equal(r, truth)
+    np.testing.assert_allclose(s, np.take_along_axis(sc, truth, 1), atol=1e-5)
+
+
 def test_filled_answers_containing_row_0_are_faiss_answers(x):
     """Only rows FAISS could not fill (-1) are re-answered exactly: row 0 is a real row."""
     idx = ann.build_index(x, nlist=32, use_gpu=False)
