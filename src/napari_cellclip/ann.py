@@ -85,12 +85,14 @@ def _faiss():
 
 
 def default_nlist(n: int) -> int:
-    """Number of IVF lists for ``n`` vectors: the power of two nearest 2·√n, in [16, 8192]."""
+    """Number of IVF lists for ``n`` vectors: the power of two nearest 2·√n, in [16, 8192], at most
+    ``n // 39`` (faiss wants ≥ 39 training points per list) and never more than ``n`` (k-means
+    cannot make more lists than it has points)."""
     if n <= 0:
         return 1
     target = 2.0 * math.sqrt(n)
     p = 2 ** int(round(math.log2(max(target, 1.0))))
-    return int(max(16, min(8192, p, max(1, n // 39))))
+    return int(min(n, max(16, min(8192, p, max(1, n // 39)))))
 
 
 def fingerprint(embeddings: np.ndarray) -> str:
@@ -227,7 +229,8 @@ class AnnIndex:
             try:
                 scores, rows = self._search_on(self._gpu, q, k, nprobe, gpu=True)
             except (RuntimeError, CellClipError) as e:  # e.g. GPU memory: the CPU index answers instead
-                warnings.warn(f"GPU ANN search failed ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)  # e.g. RuntimeError()
+                warnings.warn(f"GPU ANN search failed ({first}); "
                               "searching on the CPU from now on", CellClipWarning, stacklevel=2)
                 self._gpu = None
         if scores is None:
@@ -399,7 +402,7 @@ def searcher_for_store(store, *, save: bool = True) -> AnnIndex | None:
                           f"{FAISS_HINT}", CellClipWarning, stacklevel=3)
             _WARNED_NO_FAISS = True
         return None
-    folder = getattr(store, "path", None)
+    folder = store.path  # None for a store not loaded from a folder
     emb = store.embeddings
     if folder is not None and (Path(folder) / INDEX_FILE).is_file():
         try:
