@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -108,10 +109,10 @@ def _loadavg():
 
 def _intensity_table(plates, platemap):
     """Field-level intensity-baseline profiles of the 3 plates (DMSO centre-and-scale per plate)."""
-    from training.loop import load_fields
+    from napari_cellclip.fields import read_fields
     from training.profile_sources import intensity_profiles
 
-    fields = load_fields(plates, platemap=platemap)
+    fields = read_fields(plates, platemap=platemap, cell_line="A549")
     return intensity_profiles(fields, level="field", correction="center_scale").frame
 
 
@@ -130,8 +131,10 @@ def _fold(held, seed, enc, plates, platemap, intensity, work, a) -> dict:
                   no_progress=True, metrics=("replicate", "activity"))
     rep = evaluate(out, plates, **common, profiling=dict(options=opts, representations=("embeddings", "features"),
                                                           tables=[("intensity", intensity)]))
-    cs = evaluate(out, plates, correction="center_scale", **common,
-                  profiling=dict(options=opts, representations=("features",)))
+    with warnings.catch_warnings():  # row (b') overrides the checkpoint's correction on purpose
+        warnings.filterwarnings("ignore", message="--correction center_scale overrides")
+        cs = evaluate(out, plates, correction="center_scale", **common,
+                      profiling=dict(options=opts, representations=("features",)))
     shutil.rmtree(out, ignore_errors=True)
     sources = dict(rep["profiling"]["sources"])
     sources["features_center_scale"] = cs["profiling"]["sources"]["features"]
