@@ -11,6 +11,21 @@ import pytest
 SHARED_ENV = "NAPARI_CELLCLIP_SHARED"
 
 
+@pytest.fixture
+def without_faiss(monkeypatch):
+    """``import faiss`` fails as on a machine without the ``[ann]`` extra (ImportError naming it)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_faiss(name, *a, **k):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+
+
 def repo_root() -> Path:
     """The repository root: the nearest folder above the tests holding ``.git`` (a folder, or a
     worktree's file), else the tests folder's parent (an unpacked sdist)."""

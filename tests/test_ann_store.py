@@ -3,7 +3,6 @@ with a stale index in its folder -- and what the user is told."""
 
 from __future__ import annotations
 
-import builtins
 import shutil
 import warnings
 from pathlib import Path
@@ -39,15 +38,7 @@ def _not_from_ann(w):
     return Path(w.filename).name != "ann.py"
 
 
-def test_without_faiss_large_stores_are_searched_exactly_with_one_warning(monkeypatch, tmp_path):
-    real_import = builtins.__import__
-
-    def no_faiss(name, *a, **k):
-        if name == "faiss":
-            raise ImportError("No module named 'faiss'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_faiss)
+def test_without_faiss_large_stores_are_searched_exactly_with_one_warning(monkeypatch, tmp_path, without_faiss):
     monkeypatch.setattr(ann, "_WARNED_NO_FAISS", False)
     assert ann.faiss_available() is False
     with pytest.raises(CellClipError, match=r"^the ANN index needs faiss, which is not installed \(No module named "

@@ -391,20 +391,10 @@ def test_faiss_gpu_nprobe_path_limit_and_fallback(monkeypatch):
     assert (r2[:, 0] == np.arange(5)).all() and idx._gpu is None
 
 
-def test_without_faiss_the_message_says_how_to_install(monkeypatch):
-    import builtins
-
+def test_without_faiss_the_message_says_how_to_install(without_faiss):
     from napari_cellclip import ann
     from napari_cellclip.errors import CellClipError
 
-    real_import = builtins.__import__
-
-    def no_faiss(name, *a, **k):
-        if name == "faiss":
-            raise ImportError("No module named 'faiss'")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_faiss)
     assert not ann.faiss_available()
     with pytest.raises(CellClipError, match=r"napari-cellclip\[ann\].*faiss-gpu"):
         ann.build_index(np.eye(4, dtype=np.float32))
