@@ -70,7 +70,9 @@ MODULES: dict[str, Module] = {
     "model": Module("src/napari_cellclip/model.py", ["tests/test_model.py", "tests/test_model_behaviour.py"]),
     "images": Module("src/napari_cellclip/images.py",
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py"]),
-    "plates": Module("src/napari_cellclip/plates.py", ["tests/test_plates.py", "tests/test_plate_sampling.py"]),
+    "plates": Module("src/napari_cellclip/plates.py",
+                     ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_formats.py",
+                      "tests/test_fields.py"]),
     "search": Module("src/napari_cellclip/search.py",
                      ["tests/test_search.py", "tests/test_ann.py", "tests/test_ann_behaviour.py"]),
     # the training loop lives in training/train.py since the one-road split (loop.py is its entry point)

@@ -72,7 +72,7 @@ WELL_RE = re.compile(r"^(?P<row>[A-Za-z]{1,2})(?P<col>\d{1,2})$")
 _POSITION_RES = (
     re.compile(r"(?<![A-Za-z])r(?P<row>\d{1,2})c(?P<col>\d{1,2})(?:f(?P<site>\d{1,4}))?(?!\d)", re.IGNORECASE),
     re.compile(r"(?<![A-Za-z0-9])(?P<well>[A-Za-z]{1,2}\d{1,2})(?!\d)"
-               r"(?:(?:[_\-\s.]*(?:site|field|fld|s|f)[_\-\s]*|[_\-\s.]+)(?P<site>\d{1,4})(?!\d))?"),
+               r"(?:(?:[_\-\s.]*(?:site|field|fld|s|f)[_\-\s]*|[_\-\s.]+)(?P<site>\d{1,4})(?!\d))?", re.IGNORECASE),
 )
 _MAP_HELP = (
     "Name them with a channel map: a channels.json beside the plate such as "
@@ -97,7 +97,7 @@ def well_name(row: int | str, col: int | str) -> str:
 def normalize_well(name) -> str:
     """'a1' / 'A1' / 'A01' -> 'A01'; raises PlateError for anything else."""
     m = WELL_RE.match(str(name).strip())
-    if not m:
+    if not m or int(m["col"]) < 1:
         raise PlateError(f"unknown well name {name!r} (expected a row letter and a column number, e.g. 'A01')")
     return f"{m['row'].upper()}{int(m['col']):02d}"
 
@@ -386,7 +386,7 @@ def _finish(df: pd.DataFrame, stain_names: Sequence[str], source: str) -> pd.Dat
     out = df[meta + extra_meta + chan + other]
     dup = out.duplicated(meta)
     if dup.any():
-        first = out.loc[dup, meta].iloc[0].tolist()
+        first = list(out.loc[dup, meta].iloc[:1].to_dict("records")[0].values())  # plain values, not np.int64(2)
         raise PlateError(f"field {first} (plate, well, site) appears more than once")
     out = out.sort_values(meta, kind="stable").reset_index(drop=True)
     out.attrs["stain_source"] = source
