@@ -72,7 +72,9 @@ MODULES: dict[str, Module] = {
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py"]),
     "plates": Module("src/napari_cellclip/plates.py",
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_formats.py",
-                      "tests/test_fields.py"]),
+                      "tests/test_fields.py", "tests/test_plates_sniff.py", "tests/test_plates_names.py",
+                      "tests/test_plates_load_data.py", "tests/test_plates_layouts.py",
+                      "tests/test_plates_stain_names.py"]),
     "search": Module("src/napari_cellclip/search.py",
                      ["tests/test_search.py", "tests/test_ann.py", "tests/test_ann_behaviour.py"]),
     # the training loop lives in training/train.py since the one-road split (loop.py is its entry point)

@@ -146,6 +146,11 @@ def test_bad_wells_are_listed_by_csv_line(tmp_path):
         read_load_data(f)
     assert _message(err) == (f"{f}: unknown well name(s) row 3: 'Z1x', row 5: '13', row 6: 'B', row 7: 'C-1', "
                              "row 8: '??' ...")
+    five = _csv(tmp_path / "five.csv", [_row(w) for w in ("Z1x", "13", "B", "A01", "C-1", "??")])
+    with pytest.raises(PlateError) as err:
+        read_load_data(five)
+    assert _message(err) == (f"{five}: unknown well name(s) row 2: 'Z1x', row 3: '13', row 4: 'B', row 6: 'C-1', "
+                             "row 7: '??'")
     few = _csv(tmp_path / "few.csv", [_row("A01"), _row("A00")])
     with pytest.raises(PlateError) as err:
         read_load_data(few)

@@ -93,6 +93,7 @@ def test_bad_well_names_are_named(raw):
     (" 1 = DNA , 2:ER ,, ", {1: "DNA", 2: "ER"}),
     ("ch1=DNA,W2=ER,c3=RNA", {1: "DNA", 2: "ER", 3: "RNA"}),
     ("5=Mito", {5: "Mito"}),
+    ("1=Hoechst: nuclei,2: ER=ConA", {1: "Hoechst: nuclei", 2: "ER=ConA"}),  # only the first = or : splits
     ({1: " DNA ", "2": "ER", "ch3": "RNA", "w4": "AGP", "C5": "Mito"},
      {1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito"}),
 ])
@@ -120,8 +121,9 @@ def test_channel_map_files_json_and_text(tmp_path):
     js.write_text(json.dumps({"ch1": "DNA", "2": "ER"}))
     assert parse_channel_map(js) == parse_channel_map(str(js)) == {1: "DNA", 2: "ER"}
     txt = tmp_path / "map.txt"
-    txt.write_text("# acquisition protocol\n\n1=DNA\n  2 , ER\nch3: RNA\n4\tAGP\n   # indented comment\nw5 = Mito\n")
-    assert parse_channel_map(txt) == {1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito"}
+    txt.write_text("# acquisition protocol\n\n1=DNA\n  2 , ER\nch3: RNA\n4\tAGP\n   # indented comment\nw5 = Mito\n"
+                   "6=Hoechst, bleed\n")
+    assert parse_channel_map(txt) == {1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito", 6: "Hoechst, bleed"}
     # a JSON object in a file of any name is read as JSON
     other = tmp_path / "stains"
     other.write_text('{"1": "DNA"}')

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,17 @@ def test_load_data_csv_is_told_by_its_header(tmp_path):
     assert not is_load_data_csv(tmp_path)  # a folder cannot be opened as a file
 
 
+def test_load_data_csv_names_in_any_case_and_headers_not_utf8(tmp_path):
+    upper = _touch(tmp_path / "LOAD_DATA.CSV", LOAD_DATA_HEADER)
+    assert sniff(upper) == "load_data"
+    folder = tmp_path / "plate"
+    _touch(folder / "Manifest.Csv", LOAD_DATA_HEADER)
+    assert sniff(folder) == "load_data"
+    latin1 = tmp_path / "latin1.csv"  # a header written by a Windows tool: still read, never an exception
+    latin1.write_bytes("Metadata_Well,Metadata_Site,Remarque_\xe9t\xe9,FileName_OrigDNA\n".encode("latin-1"))
+    assert is_load_data_csv(latin1) and sniff(latin1) == "load_data"
+
+
 def test_a_load_data_header_in_another_suffix_is_not_a_plate(tmp_path):
     f = _touch(tmp_path / "load_data.txt", LOAD_DATA_HEADER)
     assert sniff(f) is None
@@ -126,6 +138,18 @@ def test_the_look_is_breadth_first_and_bounded(tmp_path):
     assert sniff(big, max_entries=3) is None
 
 
+def test_folders_reached_through_a_symbolic_link_are_looked_into(tmp_path):
+    real = tmp_path / "storage" / "run1"
+    _touch(real / "P_A01_s1_w1.tif")
+    top = tmp_path / "view"
+    top.mkdir()
+    try:
+        (top / "run1").symlink_to(real, target_is_directory=True)
+    except OSError:
+        pytest.skip("no symbolic links here")
+    assert sniff(top) == "imagexpress"
+
+
 def test_ome_zarr_plates_and_other_zarr_groups(tmp_path):
     plate = _zarr(tmp_path / "one.zarr", {"plate": {"name": "P1", "wells": []}})
     assert sniff(plate) == "ome-zarr"
@@ -160,8 +184,6 @@ class _Listing:
 
 
 def test_an_unreadable_sub_folder_is_passed_over(tmp_path, monkeypatch):
-    import os
-
     real = os.scandir
 
     def scandir(path):
@@ -174,3 +196,31 @@ def test_an_unreadable_sub_folder_is_passed_over(tmp_path, monkeypatch):
     (tmp_path / "locked").mkdir()
     _touch(tmp_path / "z" / "P_A01_s1_w1.tif")  # listed after the folder that cannot be read
     assert sniff(tmp_path) == "imagexpress"
+
+
+class _Entry:
+    """A listed file that is not there (creating thousands of files is slow on a busy disk)."""
+
+    def __init__(self, folder, name):
+        self.name, self.path = name, os.path.join(folder, name)
+
+    def is_dir(self, follow_symlinks=True):
+        return False
+
+
+def test_by_default_the_look_stops_after_5000_entries(tmp_path, monkeypatch):
+    real = os.scandir
+    extra = {"n": 4998}
+
+    def scandir(path):
+        with real(path) as it:
+            entries = list(it)
+        if Path(path) == tmp_path:
+            entries += [_Entry(str(tmp_path), f"n{i:04d}.txt") for i in range(extra["n"])]
+        return _Listing(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    _touch(tmp_path / "deep" / "P_A01_s1_w1.tif")  # 4998 files and a folder; the image is the 5000th entry
+    assert sniff(tmp_path) == "imagexpress"
+    extra["n"] = 4999  # one more entry: the image is now the 5001st
+    assert sniff(tmp_path) is None
