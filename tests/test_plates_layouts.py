@@ -71,6 +71,10 @@ def test_files_inside_a_zarr_folder_are_not_read_as_images(tmp_path):
     df = _quiet(read_plate, tmp_path)
     assert df["Metadata_Well"].tolist() == ["B03", "C05"] and df.attrs["stain_source"] == "ome-zarr"
     assert stains(df) == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    # a plate name and a channel map given reach the OME-Zarr reader
+    named = read_plate(tmp_path, plate="PX", channel_map="1=Mito,2=AGP,3=RNA,4=ER,5=DNA")
+    assert named["Metadata_Plate"].unique().tolist() == ["PX"]
+    assert stains(named) == ["Mito", "AGP", "RNA", "ER", "DNA"] and named["Frame_OrigDNA"].tolist() == [4, 4]
     # the same plate through a folder not named *.zarr is still found by its zarr metadata
     renamed = tmp_path / "copy"
     renamed.mkdir()
@@ -256,13 +260,59 @@ def test_pattern_and_axes_read_multichannel_tiffs_without_naming_the_layout(tmp_
 # ----------------------------------------------------------------------------- plate names
 
 
+def test_a_zarr_image_that_is_no_plate_is_named(tmp_path):
+    img = tmp_path / "field.zarr"
+    img.mkdir()
+    (img / ".zgroup").write_text('{"zarr_format": 2}')
+    (img / ".zattrs").write_text('{"multiscales": []}')
+    with pytest.warns(CellClipWarning, match="not an OME-Zarr HCS plate; skipped"):
+        with pytest.raises(PlateError) as err:
+            read_plate(tmp_path)
+    assert _message(err) == f"{tmp_path}: no OME-Zarr HCS plate found"
+
+
+@pytest.mark.parametrize("layout", ["phenix", "imagexpress", "dye-folders", "ome-tiff"])
+def test_a_plate_name_given_names_every_field(tmp_path, layout):
+    if layout == "phenix":
+        _phenix(tmp_path / "P1", wells=((1, 1), (2, 2)))
+    elif layout == "imagexpress":
+        _imagexpress(tmp_path / "P1", wells=("A01", "B02"))
+    elif layout == "ome-tiff":
+        _ome(tmp_path / "P1", ["A01_s1.ome.tif", "B02_s1.ome.tif"])
+    else:
+        for w in ("A01", "B02"):
+            for dye in ("Hoechst", "ConA"):
+                (tmp_path / "P1" / f"{w}_s1").mkdir(parents=True, exist_ok=True)
+                (tmp_path / "P1" / f"{w}_s1" / f"{dye}.tif").write_bytes(b"")
+    df = _quiet(read_plate, tmp_path, plate="Screen 7", channel_map="1=DNA,2=ER")
+    assert df[["Metadata_Plate", "Metadata_Well"]].values.tolist() == [["Screen 7", "A01"], ["Screen 7", "B02"]]
+    assert stains(df) == ["DNA", "ER"]
+
+
+def test_dye_folder_warnings_name_the_folder_opened(tmp_path):
+    for dye in ("Hoechst", "Brightfield"):
+        (tmp_path / "P1" / "A01_s1").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "P1" / "A01_s1" / f"{dye}.tif").write_bytes(b"")
+    (tmp_path / "P1" / "overview.tif").write_bytes(b"")  # not in a field folder: skipped
+    with pytest.warns(CellClipWarning) as rec:
+        df = read_plate(tmp_path)
+    said = [str(w.message) for w in rec]
+    # Brightfield.tif is read as an extra channel of its field, so it is not said to be skipped
+    assert said.pop(0) == f"{tmp_path}: 1 image file(s) with unrecognised names skipped (e.g. P1/overview.tif)"
+    assert said[0] == (f"{tmp_path}: stains named from the file names by the dye vocabulary "
+                       "(napari_cellclip.formats.dyes): ch1 'Hoechst' → DNA. A channel map overrides this.")
+    assert said[1].startswith(f"{tmp_path}: ch2 'Brightfield' from the file names: not a Cell Painting stain name")
+    assert stains(df) == ["DNA", "Brightfield"] and len(said) == 2
+
+
 @pytest.mark.parametrize("folders, plate", [
     ("BR00117010", "BR00117010"),
     ("BR00117010__2020-11-08T18_34_24-Measurement1/Images", "BR00117010"),
     ("run/Images", "run"),
     ("run/images", "run"),
     ("run/TimePoint_1", "run"),
-    ("run/timepoint_12", "run"),
+    ("run/TimePoint_12", "run"),
+    ("run/TIMEPOINT_1", "run"),
     ("run/TimePoint_x", "TimePoint_x"),
     ("__odd", "__odd"),
 ])

@@ -97,10 +97,11 @@ def test_numeric_plate_names_stay_text_and_plate_overrides(tmp_path):
 
 
 def test_blank_frames_are_single_channel_files(tmp_path):
-    csv = _csv(tmp_path / "load_data.csv", [_row(path=".", Frame_OrigDNA="2"), _row("A02", path=".",
-                                                                                    Frame_OrigDNA="")])
-    df = read_load_data(csv)
-    assert df["Frame_OrigDNA"].iloc[0] == 2 and pd.isna(df["Frame_OrigDNA"].iloc[1])
+    # "" as pandas writes a missing frame, "NA" as R does
+    rows = [_row(path=".", Frame_OrigDNA="2"), _row("A02", path=".", Frame_OrigDNA=""),
+            _row("A03", path=".", Frame_OrigDNA="NA")]
+    df = read_load_data(_csv(tmp_path / "load_data.csv", rows))
+    assert df["Frame_OrigDNA"].iloc[0] == 2 and df["Frame_OrigDNA"].iloc[1:].isna().all()
 
 
 # ----------------------------------------------------------------------------- refusals

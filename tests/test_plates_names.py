@@ -58,6 +58,8 @@ def test_a_position_with_row_or_column_zero_is_no_well():
     # rows and columns count from 1: r00c05 is no well, and neither is its "r00" read as a well name
     assert parse_well_site("r00c05") is None
     assert parse_well_site("A00_s1") is None
+    # a Phenix-style position that is no well does not hide a well named elsewhere in the name
+    assert parse_well_site("B03_r00c05") == ("B03", None)
 
 
 @pytest.mark.parametrize("row, col, name", [(1, 1, "A01"), (26, 12, "Z12"), (27, 3, "AA03"), (52, 1, "AZ01"),

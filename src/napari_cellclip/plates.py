@@ -108,9 +108,8 @@ def parse_well_site(name: str) -> tuple[str, int | None] | None:
     Reads ``r02c03f04`` (Phenix-style), ``B03_s2``, ``B03-2``, ``B03_site2``,
     ``well_B03_field_2`` and a bare ``B03``.
     """
-    stem = re.sub(r"(\.ome)?\.(tiff?|png|zarr)$", "", str(name), flags=re.IGNORECASE)
-    for regex in _POSITION_RES:
-        m = regex.search(stem)
+    for regex in _POSITION_RES:  # a suffix (.ome.tiff, .png, .zarr) has no digit: it never reads as a position
+        m = regex.search(str(name))
         if not m:
             continue
         gd = m.groupdict()
@@ -327,7 +326,7 @@ def read_load_data(path, *, plate: str | None = None) -> pd.DataFrame:
         if pcol not in df.columns:
             df[pcol] = "."
         df[pcol] = [str((base / p).resolve()) if not Path(p).is_absolute() else p
-                    for p in df[pcol].replace("", ".")]
+                    for p in df[pcol]]  # an empty PathName is Path(""), the CSV's folder
         fcol = f"Frame_Orig{stain}"
         if fcol in df.columns:
             df[fcol] = pd.to_numeric(df[fcol], errors="coerce").astype("Int64")
@@ -611,6 +610,9 @@ def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) ->
         raise PlateError(f"{path}: the folder mixes layouts: " + "; ".join(
             f"{k} ({len(v)}, e.g. {v[0].relative_to(path)})" for k, v in sorted(kinds.items()))
             + ". Open one plate at a time, or give layout= to pick one.")
+    # the other images of a dye-named field folder (Brightfield.tif) are read as extra channels
+    dye_dirs = {f.parent for f in kinds.get("dye-folders", [])}
+    other = [f for f in other if f.parent not in dye_dirs]
     if other and layout == "auto":
         warnings.warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
                       + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")", CellClipWarning, stacklevel=3)
@@ -678,7 +680,7 @@ def _concat_plates(path: Path, tables: list[pd.DataFrame], source: str) -> pd.Da
 
 def _plate_name_for(folder: Path) -> str:
     name = folder.name
-    if name.lower() in ("images", "timepoint_1") or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
+    if name.lower() == "images" or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
         name = folder.parent.name
     return name.split("__")[0] or name
 
