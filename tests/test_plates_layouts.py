@@ -56,9 +56,29 @@ def test_hidden_files_and_folders_are_not_part_of_the_plate(tmp_path):
     _phenix(tmp_path / "P1" / ".thumbnails", wells=((3, 3),))
     _imagexpress(tmp_path / ".trash")
     (tmp_path / "P1" / ".r05c05f01p01-ch1sk1fk1fl1.tiff").write_bytes(b"")
-    df = read_plate(tmp_path, channel_map="1=DNA,2=ER")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # hidden files are not even called unrecognised
+        df = read_plate(tmp_path, channel_map="1=DNA,2=ER")
     assert df["Metadata_Well"].tolist() == ["A01", "A02"]
     assert df["Metadata_Plate"].unique().tolist() == ["P1"]
+
+
+def test_macos_resource_forks_beside_imagexpress_files_are_not_images(tmp_path):
+    _imagexpress(tmp_path, prefix="PL", wells=("A01",))
+    for ch in (1, 2):  # what macOS leaves on a USB disk: "._" + the name (a valid ImageXpress name)
+        (tmp_path / f"._PL_A01_s1_w{ch}.tif").write_bytes(b"\x00\x05\x16\x07")
+    df = read_plate(tmp_path, channel_map="1=DNA,2=ER")
+    assert df[["Metadata_Plate", "Metadata_Well"]].values.tolist() == [["PL", "A01"]]
+
+
+def test_zarr_plates_in_several_sub_folders_are_all_read(tmp_path):
+    from _formats_data import write_ome_zarr
+
+    for sub, well in (("a", "B03"), ("b", "C05")):
+        write_ome_zarr(tmp_path / sub, "0.4", fields=[(well, 1, np.ones((2, 8, 8), np.uint16))], names=("DNA", "ER"),
+                       levels=1)
+    df = read_plate(tmp_path)
+    assert df["Metadata_Well"].tolist() == ["B03", "C05"] and stains(df) == ["DNA", "ER"]
 
 
 def test_files_inside_a_zarr_folder_are_not_read_as_images(tmp_path):
@@ -84,26 +104,32 @@ def test_files_inside_a_zarr_folder_are_not_read_as_images(tmp_path):
     assert len(_quiet(read_plate, renamed, layout="ome-zarr")) == 2
 
 
+def _bad_name(folder: Path, raw: bytes) -> bytes:
+    return os.fsencode(str(folder)) + b"/" + raw
+
+
 def test_names_that_are_not_utf8_are_skipped_and_listed(tmp_path):
-    _phenix(tmp_path, channels=(1,))
-    made = []
-    for i in range(7):
-        raw = os.fsencode(str(tmp_path)) + b"/n\xff" + str(i).encode() + b".tiff"
-        try:
-            Path(os.fsdecode(raw)).write_bytes(b"")
-        except (OSError, UnicodeEncodeError):
-            pytest.skip("this file system does not take names that are not UTF-8")
-        made.append(raw)
-    os.mkdir(os.fsencode(str(tmp_path)) + b"/dir\xfe")
+    _imagexpress(tmp_path, prefix="PL", channels=(1,))
+    (tmp_path / "sub").mkdir()
+    try:  # ImageXpress names with a prefix that is not UTF-8: they would be a second plate
+        for i in range(5):
+            Path(os.fsdecode(_bad_name(tmp_path, b"P\xff%d_A01_s1_w1.tif" % i))).write_bytes(b"")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    for i in range(2):
+        Path(os.fsdecode(_bad_name(tmp_path / "sub", b"Q\xfe%d_B02_s1_w1.tif" % i))).write_bytes(b"")
+    bad_dir = os.fsdecode(_bad_name(tmp_path, b"dir\xfd"))
+    os.mkdir(bad_dir)
+    Path(bad_dir, "PL_C03_s1_w1.tif").write_bytes(b"")  # a good name in a folder that cannot be stored
     with pytest.warns(CellClipWarning) as rec:
         df = read_plate(tmp_path, channel_map="1=DNA")
-    said = [str(w.message) for w in rec if "UTF-8" in str(w.message)]
-    assert len(said) == 1
+    said = [str(w.message) for w in rec]
+    assert len(said) == 1, said  # nothing else: the skipped files are not read, nor called unrecognised
     assert said[0].startswith(f"{tmp_path}: 8 name(s) that are not valid UTF-8 skipped (rename them to read them): ")
     listed = said[0].split("read them): ")[1].split(", ")
-    assert len(listed) == 5 and all("\\xff" in n or "\\xfe" in n for n in listed)
+    assert len(listed) == 5 and all(re.search(r"\\x(ff|fe|fd)", n) for n in listed)
     assert all(n.startswith(str(tmp_path) + "/") for n in listed)
-    assert len(df) == 1
+    assert df[["Metadata_Plate", "Metadata_Well"]].values.tolist() == [["PL", "A01"]]
 
 
 def test_a_plate_path_that_is_not_utf8_is_refused_by_name(tmp_path):
