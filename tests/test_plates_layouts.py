@@ -95,6 +95,8 @@ def test_files_inside_a_zarr_folder_are_not_read_as_images(tmp_path):
     named = read_plate(tmp_path, plate="PX", channel_map="1=Mito,2=AGP,3=RNA,4=ER,5=DNA")
     assert named["Metadata_Plate"].unique().tolist() == ["PX"]
     assert stains(named) == ["Mito", "AGP", "RNA", "ER", "DNA"] and named["Frame_OrigDNA"].tolist() == [4, 4]
+    direct = read_plate(plate, plate="PZ", channel_map={1: "Mito", 2: "AGP", 3: "RNA", 4: "ER", 5: "DNA"})
+    assert direct["Metadata_Plate"].unique().tolist() == ["PZ"] and stains(direct)[0] == "Mito"
     # the same plate through a folder not named *.zarr is still found by its zarr metadata
     renamed = tmp_path / "copy"
     renamed.mkdir()
@@ -259,6 +261,17 @@ def test_dye_folders_never_take_a_channel_map(tmp_path):
     assert stains(df) == ["DNA", "Mito"] and df["FileName_OrigDNA"].tolist() == ["Hoechst.tif"]
 
 
+def test_one_ome_tiff_file_with_a_pattern_and_without_a_position(tmp_path):
+    f = tmp_path / "scan-3-11-0002.ome.tiff"
+    tifffile.imwrite(f, np.zeros((2, 8, 8), np.uint16), metadata={"axes": "CYX"})
+    with pytest.raises(PlateError) as err:
+        _quiet(read_plate, f)
+    assert _message(err).startswith(f"{tmp_path}: cannot tell the well and field of 1 OME-TIFF(s) (e.g. "
+                                    "scan-3-11-0002.ome.tiff)")
+    df = _quiet(read_plate, f, pattern=r"scan-(?P<row>\d+)-(?P<col>\d+)-(?P<site>\d+)")
+    assert df[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].values.tolist() == [[tmp_path.name, "C11", 2]]
+
+
 def test_one_ome_tiff_file_finds_the_channel_map_beside_it(tmp_path):
     img = np.arange(2 * 6 * 6, dtype=np.uint16).reshape(2, 6, 6)
     f = tmp_path / "C05_s3.ome.tif"
@@ -277,13 +290,38 @@ def test_pattern_and_axes_read_multichannel_tiffs_without_naming_the_layout(tmp_
     for w in ("A01", "B02"):
         tifffile.imwrite(tmp_path / f"{w}-f1.tif", np.zeros((3, 4, 4), np.uint8))
     pattern = r"(?P<well>[A-P]\d\d)-f(?P<site>\d)"
-    df = read_plate(tmp_path, pattern=pattern, axes="cyx", channel_map="1=DNA,2=ER,3=Mito")
+    df = read_plate(tmp_path, pattern=pattern, axes="cyx", channel_map="1=DNA,2=ER,3=Mito", plate="MC1")
     assert df["Metadata_Well"].tolist() == ["A01", "B02"] and df.attrs["stain_source"] == "multichannel"
+    assert df["Metadata_Plate"].tolist() == ["MC1", "MC1"] and stains(df) == ["DNA", "ER", "Mito"]
+    assert df["Frame_OrigMito"].tolist() == [2, 2]
+    with pytest.raises(PlateError) as err:
+        read_plate(tmp_path, pattern=r"(?P<well>[A-P]\d\d)_s(?P<site>\d)", axes="CYX")
+    assert _message(err) == rf"{tmp_path}: no file name matches the pattern '(?P<well>[A-P]\\d\\d)_s(?P<site>\\d)'"
     with pytest.raises(PlateError, match="multi-channel TIFFs need a file-name pattern"):
         read_plate(tmp_path, layout="multichannel")
 
 
 # ----------------------------------------------------------------------------- plate names
+
+
+def test_a_folder_named_zarr_is_never_looked_into(tmp_path):
+    for name in ("export.zarr", "EXPORT2.ZARR"):
+        _phenix(tmp_path / name)  # no zarr metadata: not a plate, and its files are not images of the plate
+    with pytest.warns(CellClipWarning, match="not an OME-Zarr HCS plate; skipped"):
+        with pytest.raises(PlateError) as err:
+            read_plate(tmp_path)
+    assert _message(err) == f"{tmp_path}: no OME-Zarr HCS plate found"
+
+
+def test_upper_case_suffixes(tmp_path):
+    for ch in (1, 2):
+        (tmp_path / f"PL_A01_s1_w{ch}.TIF").write_bytes(b"")
+    df = read_plate(tmp_path, channel_map="1=DNA,2=ER")
+    assert df["FileName_OrigER"].tolist() == ["PL_A01_s1_w2.TIF"]
+    (tmp_path / "LOAD_DATA.CSV").write_text("Metadata_Plate,Metadata_Well,Metadata_Site,FileName_OrigDNA\n"
+                                            "P,B02,1,x.tif\n")
+    assert read_plate(tmp_path / "LOAD_DATA.CSV")["Metadata_Well"].tolist() == ["B02"]
+    assert read_plate(tmp_path)["Metadata_Well"].tolist() == ["B02"]  # the CSV in the folder wins
 
 
 def test_a_zarr_image_that_is_no_plate_is_named(tmp_path):
