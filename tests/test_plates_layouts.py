@@ -272,7 +272,7 @@ def test_one_ome_tiff_file_with_a_pattern_and_without_a_position(tmp_path):
     assert df[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].values.tolist() == [[tmp_path.name, "C11", 2]]
 
 
-def test_one_ome_tiff_file_finds_the_channel_map_beside_it(tmp_path):
+def test_one_ome_tiff_file_finds_the_channel_map_beside_it(tmp_path, tmp_path_factory):
     img = np.arange(2 * 6 * 6, dtype=np.uint16).reshape(2, 6, 6)
     f = tmp_path / "C05_s3.ome.tif"
     tifffile.imwrite(f, img, metadata={"axes": "CYX"})
@@ -281,6 +281,13 @@ def test_one_ome_tiff_file_finds_the_channel_map_beside_it(tmp_path):
         df = read_plate(f, plate="PX")
     assert df[["Metadata_Plate", "Metadata_Well", "Metadata_Site"]].values.tolist() == [["PX", "C05", 3]]
     assert stains(df) == ["DNA", "Mito"] and df["Frame_OrigMito"].tolist() == [1]
+    # a map two folders above the file's folder is found too
+    deep = tmp_path_factory.mktemp("exp") / "plate" / "fields"
+    deep.mkdir(parents=True)
+    g = deep / "D02_s1.ome.tif"
+    tifffile.imwrite(g, img, metadata={"axes": "CYX"})
+    (deep.parent.parent / "channels.json").write_text('{"1": "RNA", "2": "ER"}')
+    assert stains(_quiet(read_plate, g)) == ["RNA", "ER"]
     # the same from the folder, with an explicit map and a pattern
     df = read_plate(tmp_path, channel_map={1: "AGP", 2: "ER"}, pattern=r"(?P<well>[A-P]\d\d)_s(?P<site>\d)")
     assert stains(df) == ["AGP", "ER"] and df["Metadata_Plate"].tolist() == [tmp_path.name]

@@ -96,6 +96,7 @@ def test_bad_well_names_are_named(raw):
     ("ch1=DNA,W2=ER,c3=RNA", {1: "DNA", 2: "ER", 3: "RNA"}),
     ("5=Mito", {5: "Mito"}),
     ("1:DNA,2:ER", {1: "DNA", 2: "ER"}),
+    ("1=DNA,2=ER.txt", {1: "DNA", 2: "ER.txt"}),  # with an "=" it is a map, whatever it ends with
     ("1=Hoechst: nuclei,2: ER=ConA", {1: "Hoechst: nuclei", 2: "ER=ConA"}),  # only the first = or : splits
     ({1: " DNA ", "2": "ER", "ch3": "RNA", "w4": "AGP", "C5": "Mito"},
      {1: "DNA", 2: "ER", 3: "RNA", 4: "AGP", 5: "Mito"}),
