@@ -127,6 +127,7 @@ def test_names_that_are_not_utf8_are_skipped_and_listed(tmp_path):
         df = read_plate(tmp_path, channel_map="1=DNA")
     said = [str(w.message) for w in rec]
     assert len(said) == 1, said  # nothing else: the skipped files are not read, nor called unrecognised
+    assert rec[0].filename == __file__
     assert said[0].startswith(f"{tmp_path}: 8 name(s) that are not valid UTF-8 skipped (rename them to read them): ")
     listed = said[0].split("read them): ")[1].split(", ")
     assert len(listed) == 5 and all(re.search(r"\\x(ff|fe|fd)", n) for n in listed)
@@ -230,6 +231,7 @@ def test_unrecognised_images_beside_a_plate_are_named_at_most_three(tmp_path):
     said = [str(w.message) for w in rec]
     assert said == [f"{tmp_path}: 4 image file(s) with unrecognised names skipped (e.g. P1/label.tif, "
                     "P1/overview.tif, P1/thumb.png)"]
+    assert rec[0].filename == __file__
 
 
 @pytest.mark.parametrize("layout", ["phenix", "imagexpress", "dye-folders"])
@@ -460,6 +462,7 @@ def test_fields_missing_a_channel_are_listed_ten_at_most(tmp_path, n):
     listed = "; ".join(f"P1 A{c:02d} site 1 (missing ER)" for c in range(1, 11))
     more = " ..." if n > 10 else ""
     assert said == [f"{tmp_path / 'P1'}: skipped {n} field(s) that lack a channel: {listed}{more}"]
+    assert rec[0].filename == __file__
     assert df["Metadata_Well"].tolist() == ["B01"]
 
 

@@ -182,6 +182,7 @@ def test_dye_named_columns_become_stains_frames_included(tmp_path):
     said = [str(w.message) for w in rec]
     assert said == [f"{f}: LoadData stain names are dye names; renamed by the dye vocabulary "
                     "(napari_cellclip.formats.dyes): ch1 'Hoechst' → DNA, ch2 'ERSyto' → ER"]
+    assert rec[0].filename == __file__  # the warning points at the caller's line
     assert stains(df) == ["DNA", "ER", "Brightfield"]
     assert df["FileName_OrigDNA"].tolist() == ["A01_s1_Hoechst.tif"] and df["Frame_OrigDNA"].tolist() == [0]
     assert "PathName_OrigDNA" in df and not any("Hoechst" in c for c in df.columns)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -80,6 +81,20 @@ _MAP_HELP = (
     'or channel_map="<n>=DNA,<m>=ER,..." / --channel-map, using the channel numbers of your '
     "acquisition: the numbering differs between experiments and instruments."
 )
+
+
+#: modules a warning's location skips to reach the caller's line: this package, and the wrappers that
+#: mutmut (mutation testing, scripts/mutation.py) puts around its functions
+_INTERNAL_MODULES = ("napari_cellclip", "mutmut")
+
+
+def _warn(message: str) -> None:
+    """A CellClipWarning attributed to the first caller outside this package (the user's line), however
+    deep in the readers it is raised."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and str(frame.f_globals.get("__name__")).startswith(_INTERNAL_MODULES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, CellClipWarning, stacklevel=level)
 
 
 def well_name(row: int | str, col: int | str) -> str:
@@ -239,8 +254,8 @@ def find_channel_map(folder, levels: int = 2) -> Path | None:
 def _channel_map_from(channel_map, where: str) -> dict[int, str]:
     user = parse_channel_map(channel_map)
     if user and isinstance(channel_map, Path):
-        warnings.warn(f"{where}: stains from the channel map {channel_map}: "
-                      + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())), CellClipWarning, stacklevel=4)
+        _warn(f"{where}: stains from the channel map {channel_map}: "
+              + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())))
     return user
 
 
@@ -263,22 +278,21 @@ def _stain_names(channel_ids: Iterable[int], channel_map, names: Mapping[int, st
         out = {i: s or stain_label(names.get(i, "")) or f"ch{i}" for i, s in out.items()}
         if len(set(out.values())) == len(out):
             if mapped:
-                warnings.warn(f"{where}: stains named from {source} by the dye vocabulary "
-                              f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
-                              "this.", CellClipWarning, stacklevel=3)
+                _warn(f"{where}: stains named from {source} by the dye vocabulary "
+                      f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
+                      "this.")
             if unknown:
                 listed = ", ".join(f"ch{i} {names[i]!r}" if i in names else f"ch{i} (unnamed)" for i in unknown)
-                warnings.warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
-                              f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
-                              "guessed). " + _MAP_HELP, CellClipWarning, stacklevel=3)
+                _warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
+                      f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
+                      "guessed). " + _MAP_HELP)
             return out
-        warnings.warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
-                      "two channels the same stain; channels are kept numbered.", CellClipWarning, stacklevel=3)
+        _warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
+              "two channels the same stain; channels are kept numbered.")
     else:
-        warnings.warn(
+        _warn(
             f"{where}: nothing names the stains (no LoadData CSV, Harmony index, OME channel names, channels.json "
-            f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP,
-            CellClipWarning, stacklevel=3)
+            f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP)
     return {i: f"ch{i}" for i in ids}
 
 
@@ -357,8 +371,8 @@ def _dye_named_columns(df: pd.DataFrame, names: list[str], where: str) -> tuple[
         return df, names
     ids = dict(enumerate(names, start=1))
     changed = {i: target[n] for i, n in ids.items() if target[n] != n}
-    warnings.warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
-                  f"(napari_cellclip.formats.dyes): {describe(changed, ids)}", CellClipWarning, stacklevel=3)
+    _warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
+          f"(napari_cellclip.formats.dyes): {describe(changed, ids)}")
     cols = {f"{p}_Orig{n}": f"{p}_Orig{target[n]}" for n in names for p in ("FileName", "PathName", "Frame")}
     return df.rename(columns=cols), [target[n] for n in names]
 
@@ -385,9 +399,9 @@ def _finish(df: pd.DataFrame, stain_names: Sequence[str], source: str) -> pd.Dat
     out = df[meta + extra_meta + chan + other]
     dup = out.duplicated(meta)
     if dup.any():
-        first = list(out.loc[dup, meta].iloc[:1].to_dict("records")[0].values())  # plain values, not np.int64(2)
-        raise PlateError(f"field {first} (plate, well, site) appears more than once")
-    out = out.sort_values(meta, kind="stable").reset_index(drop=True)
+        plate, well, site = out.loc[dup, meta].iloc[0]
+        raise PlateError(f"field {[plate, well, int(site)]} (plate, well, site) appears more than once")
+    out = out.sort_values(meta).reset_index(drop=True)  # (plate, well, site) are unique: no ties to keep
     out.attrs["stain_source"] = source
     return out
 
@@ -432,8 +446,8 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         files += [base / f for f in sorted(filenames) if not f.startswith(".") and is_utf8(f)]
     if odd:
         shown = [os.fsencode(str(p)).decode("utf-8", "backslashreplace") for p in odd[:5]]
-        warnings.warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
-                      f"them): {', '.join(shown)}", CellClipWarning, stacklevel=3)
+        _warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
+              f"them): {', '.join(shown)}")
     return files, zarrs  # folders in sorted order, files sorted within each
 
 
@@ -614,8 +628,8 @@ def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) ->
     dye_dirs = {f.parent for f in kinds.get("dye-folders", [])}
     other = [f for f in other if f.parent not in dye_dirs]
     if other and layout == "auto":
-        warnings.warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
-                      + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")", CellClipWarning, stacklevel=3)
+        _warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
+              + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")")
     return kinds
 
 
@@ -661,8 +675,8 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
                 row[f"Frame_Orig{s}"] = chans[i]["frame"]
         rows.append(row)
     if skipped:
-        warnings.warn(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
-                      + (" ..." if len(skipped) > 10 else ""), CellClipWarning, stacklevel=3)
+        _warn(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
+              + (" ..." if len(skipped) > 10 else ""))
     if not rows:
         raise PlateError(f"{where}: no field has all channels {[channel_names[i] for i in ids]}")
     return pd.DataFrame(rows)
