@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -72,7 +73,7 @@ WELL_RE = re.compile(r"^(?P<row>[A-Za-z]{1,2})(?P<col>\d{1,2})$")
 _POSITION_RES = (
     re.compile(r"(?<![A-Za-z])r(?P<row>\d{1,2})c(?P<col>\d{1,2})(?:f(?P<site>\d{1,4}))?(?!\d)", re.IGNORECASE),
     re.compile(r"(?<![A-Za-z0-9])(?P<well>[A-Za-z]{1,2}\d{1,2})(?!\d)"
-               r"(?:(?:[_\-\s.]*(?:site|field|fld|s|f)[_\-\s]*|[_\-\s.]+)(?P<site>\d{1,4})(?!\d))?"),
+               r"(?:(?:[_\-\s.]*(?:site|field|fld|s|f)[_\-\s]*|[_\-\s.]+)(?P<site>\d{1,4})(?!\d))?", re.IGNORECASE),
 )
 _MAP_HELP = (
     "Name them with a channel map: a channels.json beside the plate such as "
@@ -80,6 +81,20 @@ _MAP_HELP = (
     'or channel_map="<n>=DNA,<m>=ER,..." / --channel-map, using the channel numbers of your '
     "acquisition: the numbering differs between experiments and instruments."
 )
+
+
+#: modules a warning's location skips to reach the caller's line: this package, and the wrappers that
+#: mutmut (mutation testing, scripts/mutation.py) puts around its functions
+_INTERNAL_MODULES = ("napari_cellclip", "mutmut")
+
+
+def _warn(message: str) -> None:
+    """A CellClipWarning attributed to the first caller outside this package (the user's line), however
+    deep in the readers it is raised."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and str(frame.f_globals.get("__name__")).startswith(_INTERNAL_MODULES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, CellClipWarning, stacklevel=level)
 
 
 def well_name(row: int | str, col: int | str) -> str:
@@ -97,7 +112,7 @@ def well_name(row: int | str, col: int | str) -> str:
 def normalize_well(name) -> str:
     """'a1' / 'A1' / 'A01' -> 'A01'; raises PlateError for anything else."""
     m = WELL_RE.match(str(name).strip())
-    if not m:
+    if not m or int(m["col"]) < 1:
         raise PlateError(f"unknown well name {name!r} (expected a row letter and a column number, e.g. 'A01')")
     return f"{m['row'].upper()}{int(m['col']):02d}"
 
@@ -108,9 +123,8 @@ def parse_well_site(name: str) -> tuple[str, int | None] | None:
     Reads ``r02c03f04`` (Phenix-style), ``B03_s2``, ``B03-2``, ``B03_site2``,
     ``well_B03_field_2`` and a bare ``B03``.
     """
-    stem = re.sub(r"(\.ome)?\.(tiff?|png|zarr)$", "", str(name), flags=re.IGNORECASE)
-    for regex in _POSITION_RES:
-        m = regex.search(stem)
+    for regex in _POSITION_RES:  # a suffix (.ome.tiff, .png, .zarr) has no digit: it never reads as a position
+        m = regex.search(str(name))
         if not m:
             continue
         gd = m.groupdict()
@@ -240,8 +254,8 @@ def find_channel_map(folder, levels: int = 2) -> Path | None:
 def _channel_map_from(channel_map, where: str) -> dict[int, str]:
     user = parse_channel_map(channel_map)
     if user and isinstance(channel_map, Path):
-        warnings.warn(f"{where}: stains from the channel map {channel_map}: "
-                      + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())), CellClipWarning, stacklevel=4)
+        _warn(f"{where}: stains from the channel map {channel_map}: "
+              + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())))
     return user
 
 
@@ -264,22 +278,21 @@ def _stain_names(channel_ids: Iterable[int], channel_map, names: Mapping[int, st
         out = {i: s or stain_label(names.get(i, "")) or f"ch{i}" for i, s in out.items()}
         if len(set(out.values())) == len(out):
             if mapped:
-                warnings.warn(f"{where}: stains named from {source} by the dye vocabulary "
-                              f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
-                              "this.", CellClipWarning, stacklevel=3)
+                _warn(f"{where}: stains named from {source} by the dye vocabulary "
+                      f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
+                      "this.")
             if unknown:
                 listed = ", ".join(f"ch{i} {names[i]!r}" if i in names else f"ch{i} (unnamed)" for i in unknown)
-                warnings.warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
-                              f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
-                              "guessed). " + _MAP_HELP, CellClipWarning, stacklevel=3)
+                _warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
+                      f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
+                      "guessed). " + _MAP_HELP)
             return out
-        warnings.warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
-                      "two channels the same stain; channels are kept numbered.", CellClipWarning, stacklevel=3)
+        _warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
+              "two channels the same stain; channels are kept numbered.")
     else:
-        warnings.warn(
+        _warn(
             f"{where}: nothing names the stains (no LoadData CSV, Harmony index, OME channel names, channels.json "
-            f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP,
-            CellClipWarning, stacklevel=3)
+            f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP)
     return {i: f"ch{i}" for i in ids}
 
 
@@ -327,7 +340,7 @@ def read_load_data(path, *, plate: str | None = None) -> pd.DataFrame:
         if pcol not in df.columns:
             df[pcol] = "."
         df[pcol] = [str((base / p).resolve()) if not Path(p).is_absolute() else p
-                    for p in df[pcol].replace("", ".")]
+                    for p in df[pcol]]  # an empty PathName is Path(""), the CSV's folder
         fcol = f"Frame_Orig{stain}"
         if fcol in df.columns:
             df[fcol] = pd.to_numeric(df[fcol], errors="coerce").astype("Int64")
@@ -358,8 +371,8 @@ def _dye_named_columns(df: pd.DataFrame, names: list[str], where: str) -> tuple[
         return df, names
     ids = dict(enumerate(names, start=1))
     changed = {i: target[n] for i, n in ids.items() if target[n] != n}
-    warnings.warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
-                  f"(napari_cellclip.formats.dyes): {describe(changed, ids)}", CellClipWarning, stacklevel=3)
+    _warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
+          f"(napari_cellclip.formats.dyes): {describe(changed, ids)}")
     cols = {f"{p}_Orig{n}": f"{p}_Orig{target[n]}" for n in names for p in ("FileName", "PathName", "Frame")}
     return df.rename(columns=cols), [target[n] for n in names]
 
@@ -386,9 +399,9 @@ def _finish(df: pd.DataFrame, stain_names: Sequence[str], source: str) -> pd.Dat
     out = df[meta + extra_meta + chan + other]
     dup = out.duplicated(meta)
     if dup.any():
-        first = out.loc[dup, meta].iloc[0].tolist()
-        raise PlateError(f"field {first} (plate, well, site) appears more than once")
-    out = out.sort_values(meta, kind="stable").reset_index(drop=True)
+        plate, well, site = out.loc[dup, meta].iloc[0]
+        raise PlateError(f"field {[plate, well, int(site)]} (plate, well, site) appears more than once")
+    out = out.sort_values(meta).reset_index(drop=True)  # (plate, well, site) are unique: no ties to keep
     out.attrs["stain_source"] = source
     return out
 
@@ -433,8 +446,8 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         files += [base / f for f in sorted(filenames) if not f.startswith(".") and is_utf8(f)]
     if odd:
         shown = [os.fsencode(str(p)).decode("utf-8", "backslashreplace") for p in odd[:5]]
-        warnings.warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
-                      f"them): {', '.join(shown)}", CellClipWarning, stacklevel=3)
+        _warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
+              f"them): {', '.join(shown)}")
     return files, zarrs  # folders in sorted order, files sorted within each
 
 
@@ -611,9 +624,12 @@ def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) ->
         raise PlateError(f"{path}: the folder mixes layouts: " + "; ".join(
             f"{k} ({len(v)}, e.g. {v[0].relative_to(path)})" for k, v in sorted(kinds.items()))
             + ". Open one plate at a time, or give layout= to pick one.")
+    # the other images of a dye-named field folder (Brightfield.tif) are read as extra channels
+    dye_dirs = {f.parent for f in kinds.get("dye-folders", [])}
+    other = [f for f in other if f.parent not in dye_dirs]
     if other and layout == "auto":
-        warnings.warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
-                      + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")", CellClipWarning, stacklevel=3)
+        _warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
+              + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")")
     return kinds
 
 
@@ -659,8 +675,8 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
                 row[f"Frame_Orig{s}"] = chans[i]["frame"]
         rows.append(row)
     if skipped:
-        warnings.warn(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
-                      + (" ..." if len(skipped) > 10 else ""), CellClipWarning, stacklevel=3)
+        _warn(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
+              + (" ..." if len(skipped) > 10 else ""))
     if not rows:
         raise PlateError(f"{where}: no field has all channels {[channel_names[i] for i in ids]}")
     return pd.DataFrame(rows)
@@ -678,7 +694,7 @@ def _concat_plates(path: Path, tables: list[pd.DataFrame], source: str) -> pd.Da
 
 def _plate_name_for(folder: Path) -> str:
     name = folder.name
-    if name.lower() in ("images", "timepoint_1") or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
+    if name.lower() == "images" or re.match(r"^timepoint_\d+$", name, re.IGNORECASE):
         name = folder.parent.name
     return name.split("__")[0] or name
 
