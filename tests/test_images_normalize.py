@@ -150,3 +150,52 @@ def test_contrast_limits_ignore_non_finite_pixels_and_never_collapse():
     assert images.contrast_limits(np.full(5, np.nan, np.float32)) == (0.0, 1.0)
     assert images.contrast_limits(np.zeros(0, np.uint16)) == (0.0, 1.0)
     assert images.contrast_limits(np.full((4, 4), 7, np.uint16)) == (7.0, 8.0)  # flat: a one-unit window
+
+
+@pytest.mark.parametrize("plane,q", [([9940, 62281], 33.78542238338492), ([2483, 30047], 16.62051785305335),
+                                     ([27716, 61083], 92.16768602773698)])
+def test_histogram_percentiles_round_like_numpy_on_either_side_of_the_midpoint(plane, q):
+    """Pairs where interpolating up from the lower value and down from the upper one round to
+    different float32 values: numpy takes the first below the midpoint, the second above it."""
+    plane = np.array(plane, np.uint16)
+    up, down = (np.float32(plane[0] + (plane[1] - plane[0]) * (q / 100)),
+                np.float32(plane[1] - (plane[1] - plane[0]) * (1 - q / 100)))
+    assert up != down  # the case is a real one
+    want = _reference(plane, q, q)
+    assert want == ((up, up) if q < 50 else (down, down))
+    assert images.fast_percentiles(plane, q, q) == want
+
+
+def test_an_empty_plane_has_no_percentiles():
+    """No pixels, no range: an error, never a range invented from an empty histogram."""
+    for dtype in (np.uint8, np.uint16, np.float32):
+        with pytest.raises((IndexError, ValueError)):
+            images.fast_percentiles(np.zeros((0, 5), dtype))
+
+
+def test_percentiles_of_wide_pixel_types_are_taken_at_float32_precision():
+    """Values float32 cannot hold (above 2**24) are rounded before interpolating, as the
+    documented ``np.percentile(plane.astype(float32))`` does; interpolating first rounds elsewhere."""
+    plane = np.array([[16777217.0, 16777219.0]], np.float64)
+    assert images.fast_percentiles(plane, 25.0, 25.0) == (np.float32(16777216.0), np.float32(16777216.0))
+    assert np.float32(np.percentile(plane, 25.0)) == np.float32(16777218.0)  # what float64 first would give
+    assert images.fast_percentiles(plane.astype(np.int32), 25.0, 25.0) == (16777216.0, 16777216.0)
+
+
+def test_fixed_ranges_are_applied_at_float32_precision():
+    """A range given in float64 (a dict a user built, a JSON cache) rescales bit-identically to the
+    same range in float32, the precision the feature cache keys ranges with."""
+    img = (np.random.default_rng(5).random((2, 40, 40)) * 1000).astype(np.float32)
+    r64 = np.array([[0.1, 999.7], [12.345678901, 500.0000001]], np.float64)
+    np.testing.assert_array_equal(images.normalize_range(img, r64), images.normalize_range(img, r64.astype(np.float32)))
+    np.testing.assert_array_equal(images.normalize_range(img, r64.tolist()),
+                                  images.normalize_range(img, r64.astype(np.float32)))
+
+
+def test_load_field_normalized_reads_only_the_stains_asked_for(tmp_path):
+    tifffile.imwrite(tmp_path / "d.tif", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    row = {"FileName_OrigDNA": "d.tif", "PathName_OrigDNA": str(tmp_path),
+           "FileName_OrigER": "missing.tif", "PathName_OrigER": str(tmp_path)}
+    assert images.load_field_normalized(row, ["DNA"]).shape == (1, 4, 4)
+    with pytest.raises(images.ImageReadError, match="missing.tif: file not found"):
+        images.load_field_normalized(row)

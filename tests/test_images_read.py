@@ -172,3 +172,41 @@ def test_non_numeric_pixel_types_are_refused(tmp_path, img):
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path / "a.tif")
     assert str(info.value) == f"{tmp_path / 'a.tif'}: unsupported pixel type {img.dtype}"
+
+
+def test_a_3d_stack_without_a_frame_names_the_file(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", _stack(2, 4, 4), photometric="minisblack")
+    with pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "s.tif")
+    assert str(info.value) == f"{tmp_path / 's.tif'}: expected a 2-D single-channel image, got shape (2, 4, 4)"
+    assert info.value.path == str(tmp_path / "s.tif")
+
+
+def test_an_unreadable_header_names_the_decoders_error_type(tmp_path):
+    (tmp_path / "bad.tif").write_bytes(b"this is no TIFF header")
+    with pytest.raises(ImageReadError) as info:
+        pyramid_shapes(tmp_path / "bad.tif")
+    assert f"{tmp_path / 'bad.tif'}: cannot read the image header (TiffFileError: " in str(info.value)
+
+
+def test_an_ome_tiff_is_opened_once_per_plane_and_per_level_query(tmp_path, monkeypatch):
+    """The OME-XML of a big OME-TIFF is parsed on every open: reading a plane or its pyramid
+    levels must open the file once, not once more inside the OME reader."""
+    img = _stack(2, 16, 16)
+    with tifffile.TiffWriter(tmp_path / "p.ome.tif") as tw:
+        tw.write(img, subifds=1, metadata={"axes": "CYX"})
+        tw.write(img[:, ::2, ::2], subfiletype=1)
+    opened = []
+
+    class Counting(tifffile.TiffFile):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0] if args else kwargs.get("arg"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "TiffFile", Counting)
+    np.testing.assert_array_equal(read_image(tmp_path / "p.ome.tif", 1), img[1])
+    assert len(opened) == 1
+    np.testing.assert_array_equal(read_image(tmp_path / "p.ome.tif", 0, level=1), img[0, ::2, ::2])
+    assert len(opened) == 2
+    assert pyramid_shapes(tmp_path / "p.ome.tif") == [(16, 16), (8, 8)]
+    assert len(opened) == 3

@@ -125,3 +125,26 @@ def test_plate_normalisation_defaults_to_1_and_99_9_percent(tmp_path):
     per_row = images.field_ranges(fields, ["DNA"], "plate")
     for r in per_row:
         np.testing.assert_array_equal(r, [want])
+
+
+def test_plate_range_of_one_field_matches_its_own_percentiles(tmp_path):
+    """A one-field plate sampled at every pixel gets the range per-field normalisation would give
+    that field, also for float pixels float32 cannot hold exactly."""
+    plane = np.array([[16777217.0, 16777219.0], [16777221.0, 16777223.0]], np.float64)
+    tifffile.imwrite(tmp_path / "f.tif", plane)
+    fields = pd.DataFrame([{"Metadata_Plate": "P1", "FileName_OrigDNA": "f.tif", "PathName_OrigDNA": str(tmp_path)}])
+    got = images.sample_range(fields, [0], ["DNA"], 10.0, 25.0, stride=1)
+    np.testing.assert_array_equal(got, [images.fast_percentiles(plane, 10.0, 25.0)])
+    # float32 pixels 2**24 + (0, 4, 4, 8): 25 % lies at 2**24 + 3, held as 2**24 + 4; in float64 first
+    # it would be 2**24 + 2.5, held as 2**24 + 2
+    assert got[0, 1] == np.float32(16777220.0)
+    assert np.float32(np.percentile(plane, 25.0)) == np.float32(16777218.0)
+
+
+def test_plate_normalisation_uses_the_percentiles_asked_for(tmp_path):
+    planes = [np.arange(400, dtype=np.uint16).reshape(20, 20) * (k + 1) for k in range(2)]
+    fields = _table(tmp_path, planes)
+    pix = np.concatenate([p[::2, ::2].ravel() for p in planes]).astype(np.float32)
+    per_row = images.field_ranges(fields, ["DNA"], "plate", 5.0, 80.0)
+    for r in per_row:
+        np.testing.assert_array_equal(r, [np.percentile(pix, [5.0, 80.0]).astype(np.float32)])
