@@ -48,7 +48,7 @@ def test_corrupt_tiff_names_the_file_and_the_decoder_error(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path / "c.tif")
     msg = str(info.value)
-    assert msg.startswith(f"{tmp_path / 'c.tif'}: cannot decode image (")
+    assert msg.startswith(f"{tmp_path / 'c.tif'}: cannot decode image (TiffFileError: ")
     assert "imagecodecs" not in msg
 
 
@@ -139,7 +139,7 @@ def test_frame_of_a_single_plane_file(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "one.tif"), plane)
     with pytest.raises(ImageReadError) as info:
         read_image(tmp_path / "one.tif", frame=1)
-    assert str(info.value).endswith("expected a 3-D CYX multi-channel image, got shape (6, 5)")
+    assert str(info.value) == f"{tmp_path / 'one.tif'}: expected a 3-D CYX multi-channel image, got shape (6, 5)"
     with pytest.raises(ImageReadError, match=r"expected a 3-D YXC multi-channel image, got shape \(6, 5\)"):
         read_image(tmp_path / "one.tif", frame=2, axes="yxc")
 

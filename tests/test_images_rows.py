@@ -87,6 +87,8 @@ def test_frames_and_the_channel_axes_of_a_multi_channel_file(tmp_path):
     np.testing.assert_array_equal(load_field(yxc), stack[[2, 0]])
     yxc["Metadata_ChannelAxes"] = np.nan  # no axes said: CYX, the (4, 5, 3) file is cut along its rows
     assert load_field(yxc).shape == (2, 5, 3)
+    row["Metadata_ChannelAxes"] = 3  # not an axes text (a number in that column): ignored, CYX
+    np.testing.assert_array_equal(load_field(row), stack[[2, 0]])
 
 
 def test_channels_of_different_shapes_name_both_files(tmp_path):
