@@ -74,7 +74,12 @@ MODULES: dict[str, Module] = {
                      "tests/test_store_wells.py", "tests/test_store_tables.py"]),
     "model": Module("src/napari_cellclip/model.py", ["tests/test_model.py", "tests/test_model_behaviour.py"]),
     "images": Module("src/napari_cellclip/images.py",
-                     ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py"]),
+                     ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py",
+                      "tests/test_formats.py", "tests/test_reader.py", "tests/test_bad_input.py",
+                      "tests/test_images_read.py", "tests/test_images_finite.py", "tests/test_images_rows.py",
+                      "tests/test_images_normalize.py", "tests/test_images_sampling.py"],
+                     # test_bad_input: only its pixel tests (the rest trains, loads checkpoints, runs CLIs)
+                     ["-k", "not viewer_opens and (not test_bad_input or pixels or all_nan or tiny_first)"]),
     "plates": Module("src/napari_cellclip/plates.py",
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_formats.py",
                       "tests/test_fields.py", "tests/test_plates_sniff.py", "tests/test_plates_names.py",
