@@ -54,3 +54,20 @@ class Cancelled(Exception):
 
 class CellClipWarning(UserWarning):
     """Something was skipped or assumed; the message says what."""
+
+
+#: modules a warning's location skips to reach the caller's line: this package, and the wrappers that
+#: mutmut (mutation testing, scripts/mutation.py) puts around its functions
+_INTERNAL_MODULES = ("napari_cellclip", "mutmut")
+
+
+def warn_at_caller(message: str, category=CellClipWarning) -> None:
+    """Warn attributed to the first caller outside this package (the user's line), however deep in
+    the package it is raised."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2
+    while frame is not None and str(frame.f_globals.get("__name__")).startswith(_INTERNAL_MODULES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

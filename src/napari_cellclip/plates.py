@@ -41,15 +41,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .errors import CellClipWarning, PlateError
+from .errors import PlateError, warn_at_caller
 from .formats.dyes import canonical_stain, describe, stain_label
 from .images import IMAGE_SUFFIXES
 
@@ -81,20 +79,6 @@ _MAP_HELP = (
     'or channel_map="<n>=DNA,<m>=ER,..." / --channel-map, using the channel numbers of your '
     "acquisition: the numbering differs between experiments and instruments."
 )
-
-
-#: modules a warning's location skips to reach the caller's line: this package, and the wrappers that
-#: mutmut (mutation testing, scripts/mutation.py) puts around its functions
-_INTERNAL_MODULES = ("napari_cellclip", "mutmut")
-
-
-def _warn(message: str) -> None:
-    """A CellClipWarning attributed to the first caller outside this package (the user's line), however
-    deep in the readers it is raised."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and str(frame.f_globals.get("__name__")).startswith(_INTERNAL_MODULES):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, CellClipWarning, stacklevel=level)
 
 
 def well_name(row: int | str, col: int | str) -> str:
@@ -254,7 +238,7 @@ def find_channel_map(folder, levels: int = 2) -> Path | None:
 def _channel_map_from(channel_map, where: str) -> dict[int, str]:
     user = parse_channel_map(channel_map)
     if user and isinstance(channel_map, Path):
-        _warn(f"{where}: stains from the channel map {channel_map}: "
+        warn_at_caller(f"{where}: stains from the channel map {channel_map}: "
               + ", ".join(f"ch{i} → {s}" for i, s in sorted(user.items())))
     return user
 
@@ -278,19 +262,19 @@ def _stain_names(channel_ids: Iterable[int], channel_map, names: Mapping[int, st
         out = {i: s or stain_label(names.get(i, "")) or f"ch{i}" for i, s in out.items()}
         if len(set(out.values())) == len(out):
             if mapped:
-                _warn(f"{where}: stains named from {source} by the dye vocabulary "
+                warn_at_caller(f"{where}: stains named from {source} by the dye vocabulary "
                       f"(napari_cellclip.formats.dyes): {describe(mapped, names)}. A channel map overrides "
                       "this.")
             if unknown:
                 listed = ", ".join(f"ch{i} {names[i]!r}" if i in names else f"ch{i} (unnamed)" for i in unknown)
-                _warn(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
+                warn_at_caller(f"{where}: {listed} from {source}: not a Cell Painting stain name, kept as "
                       f"{', '.join(out[i] for i in unknown)} (fluorophore and filter names are never "
                       "guessed). " + _MAP_HELP)
             return out
-        _warn(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
+        warn_at_caller(f"{where}: the channel names from {source} ({', '.join(map(repr, names.values()))}) give "
               "two channels the same stain; channels are kept numbered.")
     else:
-        _warn(
+        warn_at_caller(
             f"{where}: nothing names the stains (no LoadData CSV, Harmony index, OME channel names, channels.json "
             f"or dye names); channels are kept as {', '.join(f'ch{i}' for i in ids)}. " + _MAP_HELP)
     return {i: f"ch{i}" for i in ids}
@@ -371,7 +355,7 @@ def _dye_named_columns(df: pd.DataFrame, names: list[str], where: str) -> tuple[
         return df, names
     ids = dict(enumerate(names, start=1))
     changed = {i: target[n] for i, n in ids.items() if target[n] != n}
-    _warn(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
+    warn_at_caller(f"{where}: LoadData stain names are dye names; renamed by the dye vocabulary "
           f"(napari_cellclip.formats.dyes): {describe(changed, ids)}")
     cols = {f"{p}_Orig{n}": f"{p}_Orig{target[n]}" for n in names for p in ("FileName", "PathName", "Frame")}
     return df.rename(columns=cols), [target[n] for n in names]
@@ -446,7 +430,7 @@ def _scan(folder: Path) -> tuple[list[Path], list[Path]]:
         files += [base / f for f in sorted(filenames) if not f.startswith(".") and is_utf8(f)]
     if odd:
         shown = [os.fsencode(str(p)).decode("utf-8", "backslashreplace") for p in odd[:5]]
-        _warn(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
+        warn_at_caller(f"{folder}: {len(odd)} name(s) that are not valid UTF-8 skipped (rename them to read "
               f"them): {', '.join(shown)}")
     return files, zarrs  # folders in sorted order, files sorted within each
 
@@ -628,7 +612,7 @@ def _classify(path: Path, images: list[Path], zarrs: list[Path], layout: str) ->
     dye_dirs = {f.parent for f in kinds.get("dye-folders", [])}
     other = [f for f in other if f.parent not in dye_dirs]
     if other and layout == "auto":
-        _warn(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
+        warn_at_caller(f"{path}: {len(other)} image file(s) with unrecognised names skipped (e.g. "
               + ", ".join(str(f.relative_to(path)) for f in other[:3]) + ")")
     return kinds
 
@@ -675,7 +659,7 @@ def _table_from_channels(records: list[dict], channel_names: dict[int, str], whe
                 row[f"Frame_Orig{s}"] = chans[i]["frame"]
         rows.append(row)
     if skipped:
-        _warn(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
+        warn_at_caller(f"{where}: skipped {len(skipped)} field(s) that lack a channel: " + "; ".join(skipped[:10])
               + (" ..." if len(skipped) > 10 else ""))
     if not rows:
         raise PlateError(f"{where}: no field has all channels {[channel_names[i] for i in ids]}")
