@@ -6,6 +6,7 @@
     python scripts/mutation.py --list               # modules, sources, test selections
     python scripts/mutation.py --source src/napari_cellclip/fields.py --tests tests/test_fields.py
     make mutation MODULES="ann store"
+    python scripts/mutation.py model --survivors    # rerun only the last run's survivors
 
 Each module is mutated alone (mutmut's ``only_mutate``) and judged by its own scoped, fast set
 of test files (``MODULES`` below), in a scratch copy of the repository under
@@ -25,6 +26,7 @@ Not part of CI: a module takes minutes to an hour on 2 cores.  Rerun it after bi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import datetime as _dt
 import json
 import os
@@ -133,7 +135,7 @@ def _prepare(name: str, mod: Module, timeout_constant: float = 30.0) -> Path:
     return work
 
 
-def _run_mutmut(work: Path, max_children: int) -> float:
+def _run_mutmut(work: Path, max_children: int, names: list[str] = ()) -> float:
     env = dict(os.environ)
     # subprocesses started by tests import the mutated copy, never the working tree (the
     # folders must exist before Python starts: a missing sys.path entry is cached as empty)
@@ -143,7 +145,7 @@ def _run_mutmut(work: Path, max_children: int) -> float:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = "1"  # one thread per mutant process; --max-children sets the parallelism
     mutmut = Path(sys.executable).with_name("mutmut")
-    cmd = [str(mutmut) if mutmut.exists() else "mutmut", "run", "--max-children", str(max_children)]
+    cmd = [str(mutmut) if mutmut.exists() else "mutmut", "run", "--max-children", str(max_children), *names]
     t0 = time.perf_counter()
     with open(work / "mutmut.log", "w") as log:
         p = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
@@ -188,16 +190,55 @@ def _function(mutant: str) -> str:
     return base[2:] if base.startswith("x_") else base
 
 
-def _collect(work: Path, mod: Module) -> dict:
+ALIVE = ("survived", "no tests", "suspicious")
+
+
+def _source_digest(source: str) -> str:
+    return hashlib.sha256((ROOT / source).read_bytes()).hexdigest()
+
+
+def _survivors_to_rerun(name: str, mod: Module, previous: dict | None) -> list[str]:
+    """The last full run's live mutants, if the source is byte for byte the one that run mutated.
+
+    Tests were only added since (never removed), so a mutant killed then is still killed: only the
+    survivors need to run again.  Mutant names are stable while the source file is unchanged."""
+    if not previous:
+        raise SystemExit(f"{name}: --survivors needs an earlier full run of the module")
+    digest = previous.get("source_sha256")
+    if digest is None:  # results saved before digests were recorded: compare with the run's commit
+        commit = previous["commit"].partition("+")[0]
+        same = subprocess.run(["git", "diff", "--quiet", commit, "--", mod.source], cwd=ROOT,
+                              check=False).returncode == 0 and "+changes" not in previous["commit"]
+    else:
+        same = digest == _source_digest(mod.source)
+    if not same:
+        raise SystemExit(f"{name}: {mod.source} changed since its last full run; run the module in full")
+    return [s["mutant"] for s in previous["survivors"]]
+
+
+def _collect(work: Path, mod: Module, previous: dict | None = None) -> dict:
+    """Counts and live mutants; with ``previous`` (a survivors-only rerun) the mutants not rerun
+    keep their earlier status."""
     from mutmut.stats import status_by_exit_code
 
     meta = work / "mutants" / (mod.source + ".meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
-    counts: dict[str, int] = {}
-    for code in codes.values():
-        status = status_by_exit_code[code]
-        counts[status] = counts.get(status, 0) + 1
-    alive = [k for k, c in codes.items() if status_by_exit_code[c] in ("survived", "no tests", "suspicious")]
+    if previous is not None:
+        rerun = {s["mutant"] for s in previous["survivors"]}
+        codes = {k: c for k, c in codes.items() if k in rerun}
+        counts = dict(previous["counts"])
+        for s in previous["survivors"]:
+            counts[s["status"]] -= 1
+        codes_status = {k: status_by_exit_code[c] for k, c in codes.items()}
+        for st in codes_status.values():
+            counts[st] = counts.get(st, 0) + 1
+        counts = {k: v for k, v in counts.items() if v}
+    else:
+        counts = {}
+        for code in codes.values():
+            status = status_by_exit_code[code]
+            counts[status] = counts.get(status, 0) + 1
+    alive = [k for k, c in codes.items() if status_by_exit_code[c] in ALIVE]
     diffs = _diffs(work, alive)
     survivors = []
     for k in sorted(alive, key=lambda s: (_function(s), int(s.rpartition("_")[2]))):
@@ -248,6 +289,11 @@ def _git_commit() -> str:
     return (p.stdout.strip() or "?") + ("+changes" if dirty else "")
 
 
+def _rerun_note(r: dict) -> str:
+    x = r.get("survivors_rerun")
+    return f"; its {x['mutants']} survivors rerun {x['date']} `{x['commit']}` ({x['minutes']} min)" if x else ""
+
+
 def write_report(results: dict) -> None:
     eq = load_equivalents()
     rows, eq_parts, open_parts = [], [], []
@@ -262,7 +308,7 @@ def write_report(results: dict) -> None:
         rows.append(f"| {name} | `{r['source']}` | {len(r['tests'])} files | {sum(c.values())} | "
                     f"{c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} | "
                     f"{c.get('no tests', 0)} | {len(equiv)} | {fmt(raw)} | {fmt(adj)} {ok} | "
-                    f"{r['minutes']:.0f} min | {r['date']} `{r['commit']}` |")
+                    f"{r['minutes']:.0f} min | {r['date']} `{r['commit']}`{_rerun_note(r)} |")
         if equiv:
             eq_parts.append(f"\n### {name}\n")
             eq_parts += [f"- `{s['function']}`: `{s['removed']}` → `{s['added']}` — {why}" for s, why in equiv]
@@ -323,6 +369,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="print the modules and their test selections")
     ap.add_argument("--source", help="an ad-hoc module: its source file (with --tests)")
     ap.add_argument("--tests", nargs="+", help="test files for --source")
+    ap.add_argument("--survivors", action="store_true",
+                    help="rerun only the last full run's surviving mutants (after adding tests; the source "
+                         "must be unchanged), keeping the other mutants' results")
     ap.add_argument("--report-only", action="store_true", help="rewrite MUTATION.md from the saved results")
     a = ap.parse_args(argv)
     if a.list:
@@ -347,12 +396,23 @@ def main(argv=None) -> int:
     status = 0
     for name, mod in todo.items():
         print(f"== {name}: {mod.source} <- {' '.join(mod.tests)}", flush=True)
+        previous = results.get(name) if a.survivors else None
+        names = _survivors_to_rerun(name, mod, previous) if a.survivors else []
+        if a.survivors and not names:
+            print("   no survivors to rerun", flush=True)
+            continue
         work = _prepare(name, mod, a.timeout)
-        seconds = _run_mutmut(work, a.max_children)
-        r = _collect(work, mod)
+        seconds = _run_mutmut(work, a.max_children, names)
+        r = _collect(work, mod, previous)
         r.update(source=mod.source, tests=mod.tests, pytest_args=mod.pytest_args, minutes=seconds / 60,
-                 date=_dt.date.today().isoformat(), commit=_git_commit(),
+                 date=_dt.date.today().isoformat(), commit=_git_commit(), source_sha256=_source_digest(mod.source),
                  command=f"python scripts/mutation.py {name} --max-children {a.max_children}")
+        if previous is not None:  # the full run's time and commit, and what this rerun did
+            r.update(minutes=previous["minutes"], command=previous["command"],
+                     full_run={k: previous[k] for k in ("date", "commit")},
+                     survivors_rerun={"date": r["date"], "commit": r["commit"], "mutants": len(names),
+                                      "minutes": round(seconds / 60, 1)})
+            r["date"], r["commit"] = previous["date"], previous["commit"]
         # re-read before writing: another run (another module) may have saved its rows meanwhile
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
         results[name] = r
