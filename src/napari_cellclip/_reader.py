@@ -35,12 +35,13 @@ box saves one for the exact folder).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .errors import warn_at_caller
 
 __all__ = [
     "get_reader",
@@ -130,7 +131,6 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
     if fields is None or plate_dir is None or "Metadata_prompt" in fields.columns:
         return fields
     from . import sample
-    from .errors import CellClipWarning
 
     plate_dir = Path(plate_dir).resolve()
     kwargs: dict[str, Any] = {}
@@ -150,7 +150,7 @@ def _annotate_if_possible(fields, plate_dir: Path | None):
 
         return read_fields(fields, platemap=platemap, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        warnings.warn(f"platemap metadata from {platemap} not joined: {exc}", CellClipWarning, stacklevel=2)
+        warn_at_caller(f"platemap metadata from {platemap} not joined: {exc}")
         return fields
 
 
@@ -249,7 +249,7 @@ def _fields_with_files(fields, paths: Sequence[Path]):
 # ------------------------------------------------------------------------- layer data
 def _load_channel(row: dict, stain: str, shape: tuple, dtype, level: int = 0) -> np.ndarray:
     """Decode one channel image of one field at pyramid ``level`` (called lazily by dask)."""
-    from .errors import CellClipError, CellClipWarning
+    from .errors import CellClipError
     from .images import channel_frame, channel_path, load_field, read_image
 
     try:
@@ -258,15 +258,11 @@ def _load_channel(row: dict, stain: str, shape: tuple, dtype, level: int = 0) ->
         else:
             img = read_image(channel_path(row, stain), frame=channel_frame(row, stain), level=level)
     except CellClipError as exc:
-        warnings.warn(f"field {row.get('Metadata_Well')} site {row.get('Metadata_Site')}: {exc}",
-                      CellClipWarning, stacklevel=2)
+        warn_at_caller(f"field {row.get('Metadata_Well')} site {row.get('Metadata_Site')}: {exc}")
         return np.zeros(shape, dtype=dtype)
     if img.shape != tuple(shape):
-        warnings.warn(
-            f"field {row.get('Metadata_Well')} site {row.get('Metadata_Site')} ({stain}): "
-            f"shape {img.shape} differs from the plate's {tuple(shape)}; shown blank",
-            CellClipWarning, stacklevel=2,
-        )
+        warn_at_caller(f"field {row.get('Metadata_Well')} site {row.get('Metadata_Site')} ({stain}): "
+                       f"shape {img.shape} differs from the plate's {tuple(shape)}; shown blank")
         return np.zeros(shape, dtype=dtype)
     return img.astype(dtype, copy=False)
 
@@ -406,10 +402,9 @@ def pixel_size_um(fields) -> float | None:
     if values.empty:
         return None
     if values.nunique() > 1:
-        from .errors import CellClipWarning
 
-        warnings.warn(f"the fields have different pixel sizes ({sorted(values.unique())[:4]} µm): "
-                      "shown in pixels, without a scale bar", CellClipWarning, stacklevel=2)
+        warn_at_caller(f"the fields have different pixel sizes ({sorted(values.unique())[:4]} µm): "
+                       "shown in pixels, without a scale bar")
         return None
     return float(values.iloc[0])
 

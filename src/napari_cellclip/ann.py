@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CellClipError, CellClipWarning
+from .errors import CellClipError, warn_at_caller
 
 __all__ = [
     "ANN_THRESHOLD",
@@ -230,8 +229,8 @@ class AnnIndex:
                 scores, rows = self._search_on(self._gpu, q, k, nprobe, gpu=True)
             except (RuntimeError, CellClipError) as e:  # e.g. GPU memory: the CPU index answers instead
                 first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)  # e.g. RuntimeError()
-                warnings.warn(f"GPU ANN search failed ({first}); "
-                              "searching on the CPU from now on", CellClipWarning, stacklevel=2)
+                warn_at_caller(f"GPU ANN search failed ({first}); "
+                               "searching on the CPU from now on")
                 self._gpu = None
         if scores is None:
             try:
@@ -398,8 +397,8 @@ def searcher_for_store(store, *, save: bool = True) -> AnnIndex | None:
     global _WARNED_NO_FAISS
     if not faiss_available():
         if not _WARNED_NO_FAISS:
-            warnings.warn("faiss is not installed: searching large stores exactly (slower); "
-                          f"{FAISS_HINT}", CellClipWarning, stacklevel=3)
+            warn_at_caller("faiss is not installed: searching large stores exactly (slower); "
+                           f"{FAISS_HINT}")
             _WARNED_NO_FAISS = True
         return None
     folder = store.path  # None for a store not loaded from a folder
@@ -408,7 +407,7 @@ def searcher_for_store(store, *, save: bool = True) -> AnnIndex | None:
         try:
             return load_index(folder, embeddings=emb)
         except CellClipError as e:
-            warnings.warn(f"{e}; rebuilding it", CellClipWarning, stacklevel=3)
+            warn_at_caller(f"{e}; rebuilding it")
     idx = build_index(emb)
     if save and folder is not None and store.level == "field":
         try:

@@ -41,14 +41,13 @@ is centred and scaled on all its fields.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from .errors import CellClipError, CheckpointError, CellClipWarning
+from .errors import CellClipError, CheckpointError, warn_at_caller
 
 METHODS = ("none", "center_scale", "tvn")
 STATE_FILE = "feature_correction.safetensors"
@@ -161,7 +160,7 @@ def center_scale(features, fields, *, scale: bool = True, eps: float = 1e-6,
         ref = rows[ctrl[rows]]
         if ref.size == 0:
             if warn:
-                warnings.warn(_no_controls_message(plate, rows.size), CellClipWarning, stacklevel=3)
+                warn_at_caller(_no_controls_message(plate, rows.size))
             ref = rows
         xr = x[ref].astype(np.float64)
         mu = xr.mean(axis=0)
@@ -237,8 +236,7 @@ def fit(features, fields, spec: Mapping | None) -> dict | None:
     ctrl = control_mask(fields)
     ref = x[ctrl] if ctrl.any() else x
     if not ctrl.any():
-        warnings.warn("TVN: no negative-control fields in the training data; whitening on all fields",
-                      CellClipWarning, stacklevel=2)
+        warn_at_caller("TVN: no negative-control fields in the training data; whitening on all fields")
     ref = ref.astype(np.float64)
     eps = float(spec.get("whiten_eps", 1e-2))
     # specs written before shrinkage existed mean the plain sample covariance

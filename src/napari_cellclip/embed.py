@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoints import load_model, model_identity, prompt_context
-from .errors import CellClipError, CellClipWarning, CheckpointError, PlateError
+from .errors import CellClipError, CheckpointError, PlateError, warn_at_caller
 from .store import EmbeddingStore, StoreError, cache_key
 from .towers import ENCODE_BATCH, embed_features, image_embeddings
 
@@ -114,10 +113,9 @@ def fields_for_model(fields: pd.DataFrame, model: Any) -> pd.DataFrame:
         return with_cell_line(fields, ctx.cell_line, ctx.templates)
     if have and have != [ctx.cell_line]:
         trained = f"{ctx.cell_line!r}" if ctx.cell_line else "no cell line"
-        warnings.warn(
-            f"the plate's prompts name the cell line {', '.join(map(repr, have))} but the checkpoint was "
-            f"trained on prompts naming {trained} (e.g. {ctx.example()!r}); queries and zero-shot "
-            "scores compare texts the model did not learn", CellClipWarning, stacklevel=2)
+        warn_at_caller(f"the plate's prompts name the cell line {', '.join(map(repr, have))} but the checkpoint was "
+                       f"trained on prompts naming {trained} (e.g. {ctx.example()!r}); queries and zero-shot "
+                       "scores compare texts the model did not learn")
     return fields
 
 
@@ -160,8 +158,8 @@ def check_encoder(encoder, config) -> None:
     """Warn when ``encoder`` is not the checkpoint's; raise when its feature width differs."""
     spec = getattr(encoder, "spec", None)
     if spec and getattr(config, "image_encoder", None) and spec != config.image_encoder:
-        warnings.warn(f"the checkpoint was trained on '{config.image_encoder}' features but the encoder "
-                      f"given is '{spec}'; embeddings may be meaningless", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"the checkpoint was trained on '{config.image_encoder}' features but the encoder "
+                       f"given is '{spec}'; embeddings may be meaningless")
     width = getattr(config, "vision_width", None)
     if width is not None and int(getattr(encoder, "dim", width)) != int(width):
         raise CheckpointError(
@@ -190,7 +188,7 @@ def _cached_store(path: Path, model_id: str) -> EmbeddingStore | None:
     if store.model_id != model_id:
         return None
     for _pos, msg in store.info.get("skipped", []):
-        warnings.warn(f"skipped field: {msg}", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"skipped field: {msg}")
     return store
 
 
@@ -267,7 +265,7 @@ def embed_fields(
             try:
                 store.save(cached_path)
             except OSError as e:  # a read-only cache must not break embedding
-                warnings.warn(f"could not cache embeddings in {cached_path}: {e}", CellClipWarning, stacklevel=2)
+                warn_at_caller(f"could not cache embeddings in {cached_path}: {e}")
     if progress is not None:
         progress(total, total)
     return store

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -43,7 +42,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ._fsutil import atomic_save_npy, atomic_write_text, load_npy
-from .errors import Cancelled, CellClipError, CellClipWarning, CorruptFileError, ImageReadError
+from .errors import Cancelled, CellClipError, CorruptFileError, ImageReadError, warn_at_caller
 from .images import NORM_HIGH, NORM_LOW
 
 _KEY_VERSION = "features-v1"
@@ -149,7 +148,7 @@ def _load_entry(path: Path, shape: tuple) -> np.ndarray | None:
         arr = load_npy(path)
     except CorruptFileError as exc:
         if not exc.unverified:
-            warnings.warn(f"feature cache entry {exc}; recomputed", CellClipWarning, stacklevel=2)
+            warn_at_caller(f"feature cache entry {exc}; recomputed")
         return None
     except OSError:
         return None
@@ -477,7 +476,7 @@ def _collect(parts: list[FeatureBatch], errors: dict, n: int, stains: list, n_ca
     for pos in sorted(errors):
         msg, _path = errors[pos]
         skipped.append((pos, msg))
-        warnings.warn(f"skipped field (row {pos}): {msg}", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"skipped field (row {pos}): {msg}")
     pos = np.concatenate([p.positions for p in parts]) if parts else np.zeros(0, np.int64)
     if n and not len(pos):
         first_msg, first_path = errors[min(errors)]

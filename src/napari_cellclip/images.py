@@ -10,13 +10,12 @@ index; OME-TIFF), PNG through Pillow, OME-Zarr fields through zarr
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import CellClipWarning, ImageReadError
+from .errors import ImageReadError, warn_at_caller
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -117,8 +116,8 @@ def _finite(path: Path, data: np.ndarray) -> np.ndarray:
     if bad.all():
         raise ImageReadError(path, "every pixel is NaN or infinite")
     fill = data[~bad].min()
-    warnings.warn(f"{path}: {int(bad.sum())} of {data.size} pixels are NaN or infinite; they are read as the "
-                  f"image's lowest finite value ({fill:g})", CellClipWarning, stacklevel=4)
+    warn_at_caller(f"{path}: {int(bad.sum())} of {data.size} pixels are NaN or infinite; they are read as the "
+                   f"image's lowest finite value ({fill:g})")
     out = np.array(data, copy=True)
     out[bad] = fill
     return out

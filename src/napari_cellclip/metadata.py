@@ -28,14 +28,13 @@ whose rows may be of different modalities (compound / crispr / orf).
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .errors import CellClipWarning, MetadataError, PlateError
+from .errors import MetadataError, PlateError, warn_at_caller
 from .plates import normalize_well
 from .prompts import (
     CONTROL_TYPES, DEFAULT_TEMPLATES, MISSING_STRINGS, MODALITIES, PromptTemplates, build_prompt, is_missing,
@@ -217,8 +216,7 @@ def _read_role_tables(files: list[tuple[Path, bool]]) -> dict[str, list[pd.DataF
         raw = _read_table(f)
         raw = raw[~(raw == "").all(axis=1)]  # blank lines
         if in_folder and not any(c in raw.columns for names in ID_COLUMNS.values() for c in names):
-            warnings.warn(f"{f}: no sample id column; not an annotation table, skipped", CellClipWarning,
-                          stacklevel=3)
+            warn_at_caller(f"{f}: no sample id column; not an annotation table, skipped")
             continue
         role = _role(f, raw)
         table = _standardize(raw, f)
@@ -226,8 +224,7 @@ def _read_role_tables(files: list[tuple[Path, bool]]) -> dict[str, list[pd.DataF
             table.loc[table["modality"] == "", "modality"] = _infer_modality(f, table)
             nokey = table["broad_sample"] == ""
             if nokey.any():
-                warnings.warn(f"{f}: {int(nokey.sum())} row(s) without a sample id skipped", CellClipWarning,
-                              stacklevel=3)
+                warn_at_caller(f"{f}: {int(nokey.sum())} row(s) without a sample id skipped")
                 table = table[~nokey]
         table.attrs["path"] = str(f)
         roles[role].append(table)
@@ -512,15 +509,14 @@ def annotate(
 
 def _warn_annotation_gaps(missing_wells: list[str], wells: _Wells, annotations) -> None:
     if missing_wells:
-        warnings.warn(f"{len(missing_wells)} field(s) in wells the platemap has no row for are left "
-                      f"unannotated: {', '.join(sorted(set(missing_wells))[:10])}", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"{len(missing_wells)} field(s) in wells the platemap has no row for are left "
+                       f"unannotated: {', '.join(sorted(set(missing_wells))[:10])}")
     if wells.missing_samples:
-        warnings.warn(f"samples not in the annotation table {annotations}: "
-                      f"{', '.join(sorted(wells.missing_samples)[:10])}; their identifier is used as the name",
-                      CellClipWarning, stacklevel=3)
+        warn_at_caller(f"samples not in the annotation table {annotations}: "
+                       f"{', '.join(sorted(wells.missing_samples)[:10])}; their identifier is used as the name")
     if wells.nameless:
-        warnings.warn(f"annotation rows without a name in {annotations}: {', '.join(sorted(wells.nameless)[:10])}; "
-                      "their identifier is used as the name", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"annotation rows without a name in {annotations}: {', '.join(sorted(wells.nameless)[:10])}; "
+                       "their identifier is used as the name")
 
 
 def _with_columns(fields: pd.DataFrame, cols: dict, cell_line) -> pd.DataFrame:

@@ -39,7 +39,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,7 +49,7 @@ import pandas as pd
 from ._fsutil import atomic_file, atomic_save_npy, atomic_write_text, load_npy, verify_npy
 from .cli import check_output_dir
 from .devices import cuda_flags
-from .errors import CellClipError, CellClipWarning, CorruptFileError, PlateError
+from .errors import CellClipError, CorruptFileError, PlateError, warn_at_caller
 
 __all__ = ["run_job", "main", "plan", "DEFAULT_SHARD_SIZE"]
 
@@ -178,7 +177,7 @@ def redo_damaged(job: Job, kind: str, parts: Sequence[int]) -> list[int]:
                     verify_npy(p)
             _read_part(job.out, kind, i, mmap=True)
         except (CorruptFileError, OSError) as exc:
-            warnings.warn(f"damaged {kind} shard {i} ({exc}): computed again", CellClipWarning, stacklevel=2)
+            warn_at_caller(f"damaged {kind} shard {i} ({exc}): computed again")
             job.log(f"damaged {kind} shard {i}: computed again")
             for p in _part_files(job.out, kind, i):
                 p.unlink(missing_ok=True)
@@ -257,7 +256,7 @@ class _ShardBuffer:
         self.n_cached += fb.n_cached
         for r, msg, _path in fb.errors:
             self.skipped.append([int(source_rows[r]), str(msg)])
-            warnings.warn(f"skipped field (row {int(source_rows[r])}): {msg}", CellClipWarning, stacklevel=4)
+            warn_at_caller(f"skipped field (row {int(source_rows[r])}): {msg}")
         self.seen += len(fb.positions) + len(fb.errors)
 
     @property
@@ -429,9 +428,8 @@ def build_encoder(spec: str, dev, *, n_crops: int | None = None, batch_size: int
 
     opts = dict(options or {})
     if opts:
-        warnings.warn(f"encoder options {opts} differ from the checkpoint's {spec!r} defaults; the features "
-                      "(and embeddings) may not match what the model was trained on", CellClipWarning,
-                      stacklevel=3)
+        warn_at_caller(f"encoder options {opts} differ from the checkpoint's {spec!r} defaults; the features "
+                       "(and embeddings) may not match what the model was trained on")
     if n_crops is not None and str(spec).startswith("hf:"):
         opts["n_crops"] = n_crops
     enc = get_encoder(spec, device=dev, **opts)
@@ -444,8 +442,7 @@ def build_encoder(spec: str, dev, *, n_crops: int | None = None, batch_size: int
             enc.model = torch.compile(enc.model, dynamic=False)
             enc.fixed_batch = True  # every forward padded to max_batch crops: one graph, not one per size
         else:
-            warnings.warn(f"--compile: encoder {enc.spec!r} has no model to compile; running eagerly",
-                          CellClipWarning, stacklevel=2)
+            warn_at_caller(f"--compile: encoder {enc.spec!r} has no model to compile; running eagerly")
     return enc
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from .errors import CellClipError, CellClipWarning
+from .errors import CellClipError, warn_at_caller
 
 __all__ = ["embed_2d", "pca_2d", "MIN_UMAP_POINTS"]
 
@@ -79,17 +79,14 @@ def embed_2d(
         return pca_2d(X)
     if n < MIN_UMAP_POINTS:
         if method == "umap":
-            warnings.warn(
-                f"UMAP needs at least {MIN_UMAP_POINTS} points, got {n}: showing PCA instead",
-                CellClipWarning, stacklevel=2,
-            )
+            warn_at_caller(f"UMAP needs at least {MIN_UMAP_POINTS} points, got {n}: showing PCA instead")
         return pca_2d(X)
     try:
         import umap  # noqa: PLC0415  (heavy: numba)
     except ImportError:
         if method == "umap":
             raise CellClipError("UMAP needs the 'umap-learn' package: pip install umap-learn") from None
-        warnings.warn("umap-learn is not installed: showing PCA instead", CellClipWarning, stacklevel=2)
+        warn_at_caller("umap-learn is not installed: showing PCA instead")
         return pca_2d(X)
 
     k = int(max(2, min(int(n_neighbors), n - 1)))

@@ -28,14 +28,13 @@ non-default setting, so the plugin rebuilds the same encoder.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dc_fields
 
 import numpy as np
 
-from ..errors import CellClipError, CellClipWarning
+from ..errors import CellClipError, warn_at_caller
 from ..segmentation import SegmentationParams
 from .base import ChannelEncoder
 
@@ -220,8 +219,8 @@ class CellsEncoder(ChannelEncoder):
             return
         empty = int(np.sum(profile_cell_counts(profiles) == 0))
         if empty:
-            warnings.warn(f"{empty} of {len(profiles)} field(s) have no segmented cell; their cells profile is "
-                          "the defined empty vector (zeros, field.Empty = 1)", CellClipWarning, stacklevel=3)
+            warn_at_caller(f"{empty} of {len(profiles)} field(s) have no segmented cell; their cells profile is "
+                           "the defined empty vector (zeros, field.Empty = 1)")
 
 
 def _cp_measure_version() -> str:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._fsutil import file_digest
-from ..errors import CellClipError, CellClipWarning
+from ..errors import CellClipError, warn_at_caller
 from .base import ChannelEncoder, FieldPrep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,7 +82,7 @@ def _read_preprocessor(source: str, local: bool, revision: str | None) -> dict |
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, ValueError) as exc:
-        warnings.warn(f"could not read {path}: {exc}; using defaults", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"could not read {path}: {exc}; using defaults")
         return None
     return data if isinstance(data, dict) else None
 
@@ -224,8 +223,8 @@ def _mean_std(pre: dict | None, spec: str) -> tuple[tuple, tuple]:
         mean, std = pre.get("image_mean"), pre.get("image_std")
     if not (isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) and len(mean) == len(std)
             and len(mean) in (1, 3)):
-        warnings.warn(f"{spec}: no usable image_mean/image_std in preprocessor_config.json; using ImageNet "
-                      "statistics", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"{spec}: no usable image_mean/image_std in preprocessor_config.json; using ImageNet "
+                       "statistics")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     if len(mean) == 1:
         mean, std = tuple(mean) * 3, tuple(std) * 3

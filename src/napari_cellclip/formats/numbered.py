@@ -16,14 +16,13 @@ or the folder), and channel numbers become stains through
 from __future__ import annotations
 
 import re
-import warnings
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import CellClipWarning, PlateError
+from ..errors import PlateError, warn_at_caller
 from ..images import TIFF_SUFFIXES
 from ..plates import (
     IMAGEXPRESS_RE, PHENIX_RE, _concat_plates, _finish, _match_pattern, _plate_name_for, _stain_names,
@@ -121,9 +120,9 @@ def _first_plane(path: Path, records: list[dict]) -> list[dict]:
     planes = sorted({r["plane"] for r in records if "plane" in r})
     if len(planes) <= 1:
         return records
-    warnings.warn(f"{path}: the images have {len(planes)} planes (p{planes[0]:02d}..p{planes[-1]:02d}); plane "
-                  f"p{planes[0]:02d} is read. To use another plane or a projection, write a LoadData CSV naming "
-                  "those files.", CellClipWarning, stacklevel=4)
+    warn_at_caller(f"{path}: the images have {len(planes)} planes (p{planes[0]:02d}..p{planes[-1]:02d}); plane "
+                   f"p{planes[0]:02d} is read. To use another plane or a projection, write a LoadData CSV naming "
+                   "those files.")
     return [r for r in records if r["plane"] == planes[0]]
 
 
@@ -165,7 +164,7 @@ def read_multichannel(root: Path, images: list[Path], pattern, axes, channel_map
             with tifffile.TiffFile(f) as tf:
                 shape = tf.series[0].shape
         except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"{f}: cannot read TIFF header ({exc}); skipped", CellClipWarning, stacklevel=3)
+            warn_at_caller(f"{f}: cannot read TIFF header ({exc}); skipped")
             continue
         if len(shape) != 3:
             raise PlateError(f"{f}: expected a 3-D {axes} image, got shape {tuple(shape)}")

@@ -26,7 +26,6 @@ repeats the whole metadata), the image whose pages are stored in *this* file is 
 
 from __future__ import annotations
 
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import CellClipWarning, ImageReadError, PlateError
+from ..errors import ImageReadError, PlateError, warn_at_caller
 from ..plates import (
     _finish, _match_pattern, _plate_name_for, _stain_names, _table_from_channels, parse_well_site, well_name,
 )
@@ -244,7 +243,7 @@ def read_fields(root: Path, files: list[Path], channel_map, plate, pattern) -> p
                          r"Give pattern=r'(?P<well>[A-P]\d{2})_s(?P<site>\d+)' (named groups well, site).")
     note = describe_reduction(first.size("T"), first.size("Z"))
     if note:
-        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=3)
+        warn_at_caller(f"{root}: {note}.")
     names = dict(enumerate(first.channel_names, start=1))
     channel_names = _stain_names(range(1, first.n_channels + 1), channel_map, names, str(files[0]),
                                  "the OME-XML channel names")

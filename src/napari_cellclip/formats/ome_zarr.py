@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import CellClipWarning, ImageReadError, PlateError
+from ..errors import ImageReadError, PlateError, warn_at_caller
 from .planes import check_channel, describe_reduction, to_plane
 
 ZARR_SUFFIXES = (".zarr",)
@@ -344,7 +343,7 @@ def read_fields(path: Path, roots: list[Path], channel_map, plate) -> pd.DataFra
             if len(roots) == 1 and root == path:
                 raise PlateError(f"{root}: an OME-Zarr folder without HCS 'plate' metadata (an image or well?); "
                                  "open the plate's root folder")
-            warnings.warn(f"{root}: not an OME-Zarr HCS plate; skipped", CellClipWarning, stacklevel=3)
+            warn_at_caller(f"{root}: not an OME-Zarr HCS plate; skipped")
             continue
         tables.append(_read_zarr_plate(root.resolve(), channel_map, plate))
     if not tables:
@@ -357,19 +356,19 @@ def _read_zarr_plate(root: Path, channel_map, plate) -> pd.DataFrame:
 
     zp = read_plate_fields(root)
     if zp.skipped:
-        warnings.warn(f"{root}: skipped {len(zp.skipped)} well(s) with unreadable metadata: "
-                      + "; ".join(zp.skipped[:5]), CellClipWarning, stacklevel=4)
+        warn_at_caller(f"{root}: skipped {len(zp.skipped)} well(s) with unreadable metadata: "
+                       + "; ".join(zp.skipped[:5]))
     first = root / zp.fields[0][3]
     meta = image_meta(first)
     shape = image_shape(first)
     n_channels = shape.get("c", 1)
     note = describe_reduction(shape.get("t", 1), shape.get("z", 1))
     if note:
-        warnings.warn(f"{root}: {note}.", CellClipWarning, stacklevel=4)
+        warn_at_caller(f"{root}: {note}.")
     names = dict(enumerate(meta.channel_names, start=1))
     if not meta.channel_names:
         names = {}
-        warnings.warn(f"{metadata_file(first)}: no 'omero' channel labels", CellClipWarning, stacklevel=4)
+        warn_at_caller(f"{metadata_file(first)}: no 'omero' channel labels")
     channel_names = _stain_names(range(1, n_channels + 1), channel_map, names, str(root),
                                  "the omero channel labels")
     px = dict(zip(("Metadata_PixelSizeY", "Metadata_PixelSizeX"), meta.pixel_size_um))
