@@ -294,6 +294,15 @@ def _rerun_note(r: dict) -> str:
     return f"; its {x['mutants']} survivors rerun {x['date']} `{x['commit']}` ({x['minutes']} min)" if x else ""
 
 
+def _stale(results: dict, equivalents: list[dict]) -> str:
+    """The equivalents of measured modules that no survivor of their last run matches."""
+    stale = [e for e in equivalents if e.get("module") in results
+             and not any(equivalence(e["module"], s, [e]) is not None for s in results[e["module"]]["survivors"])]
+    if not stale:
+        return "\nNone."
+    return "\n" + "\n".join(f"- {e['module']}: `{e['function']}`: `{e['removed']}` → `{e['added']}`" for e in stale)
+
+
 def write_report(results: dict) -> None:
     eq = load_equivalents()
     rows, eq_parts, open_parts = [], [], []
@@ -354,6 +363,12 @@ Raw results: `benchmarks/mutation_results.json`; scratch copies in `build/mutati
 
 ## Surviving mutants not explained yet
 {chr(10).join(open_parts) if open_parts else chr(10) + "None."}
+
+## Recorded equivalents that match no survivor of the last run
+
+Left from an older source or test set (the line changed, or a test now kills the mutant): delete them
+from `benchmarks/mutation_equivalents.toml`.
+{_stale(results, eq)}
 """
     REPORT.write_text(text)
 
