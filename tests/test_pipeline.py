@@ -16,7 +16,7 @@ import torch
 
 from napari_cellclip import model as model_mod
 from napari_cellclip import pipeline
-from napari_cellclip.errors import CellClipError
+from napari_cellclip.errors import CellClipError, CellClipWarning
 from napari_cellclip.store import EmbeddingStore
 
 STAINS = ["DNA", "ER", "RNA", "AGP", "Mito"]
@@ -188,7 +188,7 @@ def test_unreadable_field_is_skipped(plate, checkpoint, tmp_path):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"not a tiff")
     fields.loc[3, "FileName_OrigER"], fields.loc[3, "PathName_OrigER"] = bad.name, str(tmp_path)
-    with pytest.warns(pipeline.CellClipWarning, match="bad.tif"):
+    with pytest.warns(CellClipWarning, match="bad.tif"):
         s = pipeline.run_job(fields, checkpoint, tmp_path / "job", shard_size=4, workers=0, device="cpu",
                              quiet=True, **OPT)
     st = EmbeddingStore.load(tmp_path / "job")
