@@ -81,6 +81,25 @@ def is_missing(value: Any) -> bool:
     return False
 
 
+#: strings that mean "no" in a yes / no column read as text (an ``is_control`` of "False")
+FALSE_STRINGS = ("false", "f", "no", "n", "off")
+
+
+def _flag(value: Any) -> bool:
+    """A yes / no metadata flag: missing, falsy, "False" / "no" / "0" (any number 0) are no."""
+    if is_missing(value):
+        return False
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in FALSE_STRINGS:
+            return False
+        try:
+            return float(text) != 0
+        except ValueError:
+            return True
+    return bool(value)
+
+
 def _clean(value: Any) -> str | None:
     return None if is_missing(value) else str(value).strip()
 
@@ -215,8 +234,7 @@ def _modality_and_control(row: Mapping) -> tuple[str, str | None]:
     if control is None and pert_type in CONTROL_TYPES:
         control = pert_type
     if control is None:
-        is_control = row.get("Metadata_is_control", row.get("is_control"))
-        if not is_missing(is_control) and bool(is_control):
+        if _flag(row.get("Metadata_is_control", row.get("is_control"))):
             control = "control"
     return modality.lower(), control
 
