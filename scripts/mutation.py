@@ -195,8 +195,8 @@ def _function(mutant: str) -> str:
 ALIVE = ("survived", "no tests", "suspicious")
 
 
-def _source_digest(source: str) -> str:
-    return hashlib.sha256((ROOT / source).read_bytes()).hexdigest()
+def _source_digest(source: str, root: Path = ROOT) -> str:
+    return hashlib.sha256((root / source).read_bytes()).hexdigest()
 
 
 def _survivors_to_rerun(name: str, mod: Module, previous: dict | None) -> list[str]:
@@ -419,10 +419,12 @@ def main(argv=None) -> int:
             print("   no survivors to rerun", flush=True)
             continue
         work = _prepare(name, mod, a.timeout)
+        # what was mutated: the copy made now (the working tree may change during a long run)
+        commit, digest = _git_commit(), _source_digest(mod.source, work)
         seconds = _run_mutmut(work, a.max_children, names)
         r = _collect(work, mod, previous)
         r.update(source=mod.source, tests=mod.tests, pytest_args=mod.pytest_args, minutes=seconds / 60,
-                 date=_dt.date.today().isoformat(), commit=_git_commit(), source_sha256=_source_digest(mod.source),
+                 date=_dt.date.today().isoformat(), commit=commit, source_sha256=digest,
                  command=f"python scripts/mutation.py {name} --max-children {a.max_children}")
         if previous is not None:  # the full run's time and commit, and what this rerun did
             r.update(minutes=previous["minutes"], command=previous["command"],
