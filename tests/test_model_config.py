@@ -145,7 +145,9 @@ def ascii_locale():
 def test_a_utf8_config_reads_whatever_the_locale(tmp_path, ascii_locale):
     path = tmp_path / "config.json"
     cfg = CellCLIPConfig(**SMALL, stains=["Hoechst", "Phalloïdine", "α-tubulin"])
-    path.write_bytes(cfg.to_json().encode("utf-8"))
+    # as an editor or another tool writes it: UTF-8, not \u-escaped
+    path.write_text(json.dumps(cfg.to_dict(), ensure_ascii=False), encoding="utf-8")
+    assert "ï".encode() in path.read_bytes()
     assert CellCLIPConfig.from_json_file(path).stains == ["Hoechst", "Phalloïdine", "α-tubulin"]
 
 

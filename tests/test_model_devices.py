@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from _model_tiny import C, D, E, WordMeans, config, feats, model
 
 from napari_cellclip.errors import CheckpointError
-from napari_cellclip.model import CellCLIP, LayerNorm, MILPooling
+from napari_cellclip.model import CellCLIP, CrossChannelFormer, LayerNorm, MILPooling
 
 
 # ------------------------------------------------------------------ features
@@ -125,3 +125,45 @@ def test_a_model_cast_to_another_dtype_embeds_images(dtype):
     m = model().to(dtype)
     out = m.encode_image(feats(2, 3))
     assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("uses_proj", [True, False])
+def test_under_bfloat16_autocast_the_visual_tower_keeps_bfloat16_features_in_bfloat16(uses_proj):
+    """The residual stream stays in the features' dtype (half the memory autocast is for), and the
+    tower answers in it, projection or not."""
+    torch.manual_seed(0)
+    f = CrossChannelFormer(D, 2, 2, E if uses_proj else D, C).eval()
+    x = feats(2, 1)[:, 0].bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x)
+        stream = f.ln_pre(torch.cat([f.cls_token.expand(2, -1, -1).bfloat16(), x], dim=1))
+    assert y.dtype == torch.bfloat16 and stream.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(y.float(), f(x.float()), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.long, torch.bool, torch.float16, torch.float32])
+def test_a_row_without_any_real_token_pools_to_zeros_not_nan(mask_dtype):
+    """Mean pooling divides by the number of real tokens, at least a tiny epsilon: a row whose mask
+    is all zeros (whatever the mask's dtype) embeds as the projection of a zero vector."""
+    m = model(text_pooling="mean")
+    ids = torch.tensor([[101, 4442, 2007, 102], [101, 4442, 102, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])
+    with torch.no_grad():
+        out = m.encode_text(ids, mask.to(mask_dtype))
+        want0 = m.encode_text(ids[:1], mask[:1])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1], m.text_proj.bias.detach())
+    torch.testing.assert_close(out[0], want0[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_tower_without_transformer_layers_answers_in_its_inputs_dtype(dtype):
+    """vision_layers=0 (CLS token + LNs + projection) works on features of any float dtype."""
+    torch.manual_seed(0)
+    f = CrossChannelFormer(D, 0, 2, E, C)
+    x = feats(2, 1)[:, 0]
+    with torch.no_grad():
+        y = f(x.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), f(x), atol=0.1, rtol=0.05)
