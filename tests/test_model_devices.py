@@ -117,14 +117,35 @@ def test_a_bfloat16_pooling_answers_in_bfloat16(pooling):
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: LayerNorm computes x.float() with the weights of the model's dtype; "
-                          "on the CPU a bfloat16 / float64 model fails with 'mixed dtype'")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_a_model_cast_to_another_dtype_embeds_images(dtype):
-    m = model().to(dtype)
-    out = m.encode_image(feats(2, 3))
+    """Defect: LayerNorm computed x.float() with the weights of the model's dtype, so on the CPU a
+    bfloat16 / float64 model failed with 'mixed dtype'."""
+    torch.manual_seed(0)
+    m32 = model().eval()
+    x = feats(2, 3)
+    m = model().eval()
+    m.load_state_dict(m32.state_dict())
+    m = m.to(dtype)
+    with torch.no_grad():
+        out, want = m.encode_image(x), m32.encode_image(x)
     assert out.dtype == dtype
+    tol = dict(atol=0.05, rtol=0.05) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), want, **tol)
+
+
+def test_a_float64_layer_norm_keeps_float64_precision():
+    ln = LayerNorm(D).double()
+    x = torch.randn(4, D, dtype=torch.float64) * 1e-3 + 1e4  # float32 would lose these digits
+    torch.testing.assert_close(ln(x), F.layer_norm(x, (D,), ln.weight, ln.bias, ln.eps), atol=1e-9, rtol=0)
+
+
+def test_encode_pooled_takes_numpy_like_encode_image():
+    torch.manual_seed(0)
+    m = model().eval()
+    x = feats(2, 1)[:, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_pooled(x.numpy()), m.encode_pooled(x))
 
 
 @pytest.mark.parametrize("uses_proj", [True, False])

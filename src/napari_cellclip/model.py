@@ -253,10 +253,14 @@ def resolve_text_encoder(name: str) -> str:
 
 # --------------------------------------------------------------------------- modules
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (safe under fp16/bf16 autocast)."""
+    """LayerNorm computed in at least float32, with the weights in that precision too (safe under
+    fp16/bf16 autocast and in a model cast to bfloat16 or float64), answering in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(dt)
+        b = None if self.bias is None else self.bias.to(dt)
+        return nn.functional.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -564,7 +568,7 @@ class CellCLIP(nn.Module):
 
     def encode_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C, D) already pooled features -> (B, E) (CrossChannelFormer only)."""
-        return self.visual(pooled.to(device=self.device, dtype=self.dtype))
+        return self.visual(torch.as_tensor(pooled).to(device=self.device, dtype=self.dtype))
 
     # -- text side ---------------------------------------------------------------------
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
