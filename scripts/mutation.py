@@ -95,7 +95,8 @@ MODULES: dict[str, Module] = {
     # judged by fast tests on tiny synthetic features and a tiny text tower (tests/_train_data.py): the
     # fits of test_training*.py (real plates, MiniLM) take ~100 s, paid again by every mutant
     "training/train": Module("training/train.py",
-                             ["tests/test_train_step.py", "tests/test_train_outputs.py", "tests/test_train_resume.py"]),
+                             ["tests/test_train_step.py", "tests/test_train_outputs.py", "tests/test_train_resume.py",
+                              "tests/test_train_metrics.py", "tests/test_train_ddp_rank.py"]),
 }
 
 

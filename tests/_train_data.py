@@ -57,7 +57,7 @@ def make_data(*, val: bool = False, seed: int = 0, n_wells: int = 6, correction:
     vb = build_well_bags(feats[n_train:], val_f.reset_index(drop=True)) if val else None
     if features_file is not None:
         np.save(features_file, feats)
-    return TrainingData(fields, wb, vb, spec, "morphology", tuple(feats.shape), ["VAL"] if val else [], 0.25,
+    return TrainingData(fields, wb, vb, spec, "morphology", tuple(feats.shape), ["VAL"] if val else [], 0.123456,
                         features_file)
 
 

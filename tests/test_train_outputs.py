@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 import transformers.models.bert.modeling_bert  # noqa: F401  (imported at collection, not per test)
 
 import training.train as tt
-from _train_data import cfg, fit, make_data, metrics, step_lines, weights
+from _train_data import cfg, fit, make_data, metrics, run_of, step_lines, weights
 from napari_cellclip.checkpoints import TRAINING_STATE
 from napari_cellclip.model import CellCLIP
 from training.checkpoints import load_training_state
@@ -24,42 +25,44 @@ def data():
     return make_data(val=True, correction="tvn")
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_bert_dir, data):
-    """3 epochs of 2 steps, a checkpoint every step (2 kept), validation every epoch."""
-    mp = pytest.MonkeyPatch()
-    out = tmp_path_factory.mktemp("train") / "run"
-    try:
-        s = fit(mp, data, cfg(out, tiny_bert_dir, epochs=3, save_every=1, keep=2, eval_every=1, vision_heads=8,
-                              context_length=12, text_tuning="last:1", pooling="mean", loss="siglip"))
-    finally:
-        mp.undo()
-    return out, s
+def test_a_finished_fit(monkeypatch, tmp_path, tiny_bert_dir, data):
+    """3 epochs of 2 steps, a checkpoint every step (2 kept), validation every epoch: the summary, the
+    final model and its config, the checkpoints, metrics.jsonl.  (One test: mutmut credits a fixture's
+    fit to the first test using it only.)"""
+    out = tmp_path / "run"
+    s = fit(monkeypatch, data, cfg(out, tiny_bert_dir, epochs=3, save_every=1, keep=2, eval_every=1, vision_heads=5,
+                                   context_length=12, text_tuning="last:1", pooling="mean", loss="siglip",
+                                   normalization="field", data=[tmp_path / "plate"]))
+    _check_summary(out, s, data)
+    _check_model(out, data, tiny_bert_dir, tmp_path)
+    _check_checkpoints(out)
+    _check_metrics(out, s)
 
 
-def test_summary_of_a_finished_fit(full_run, data):
-    out, s = full_run
+def _check_summary(out, s, data):
     assert s["output"] == str(out) and s["model"] == str(out / "model")
     assert (s["steps"], s["total_steps"], s["epochs"], s["stopped_early"]) == (6, 6, 3, False)
     assert (s["steps_per_epoch"], s["batch_size"], s["batching"]) == (2, 3, "multipositive")
     assert (s["precision"], s["optimizer"], s["world_size"]) == ("fp32", "fused", 1)
-    assert s["extract_seconds"] == 0.25 and s["feature_correction"]["method"] == "tvn"
+    assert s["extract_seconds"] == 0.12 and s["feature_correction"]["method"] == "tvn"
     assert s["train_seconds"] >= 0 and s["seconds"] >= s["train_seconds"]
+    assert round(s["train_seconds"], 2) == s["train_seconds"] and round(s["seconds"], 2) == s["seconds"]
     rep = json.loads((out / "val_report.json").read_text())
     assert rep["plates"] == ["VAL"] and rep["step"] == 6 and rep["epoch"] == 3
+    assert rep["feature_correction"] == s["feature_correction"]
     assert s["val"] == {lvl: {d: rep[lvl][d]["R@1"] for d in ("image_to_text", "text_to_image")}
                         for lvl in ("field", "well")}
     done = metrics(out)[-1]
     assert done["event"] == "done" and done["steps"] == 6 and "val" not in done and done["model"] == s["model"]
 
 
-def test_the_final_model_records_the_data_and_the_options(full_run, data):
-    out, _ = full_run
+def _check_model(out, data, tiny_bert_dir, tmp_path):
     model = CellCLIP.from_pretrained(out / "model")
     c = model.config
     assert (c.embed_dim, c.vision_width, c.vision_layers, c.input_channels, c.context_length) == (8, 12, 1, 2, 12)
-    assert c.vision_heads == 6  # 8 heads do not divide the 12-wide features: the largest that does
-    assert (c.pooling, c.loss, c.text_tuning, c.input_normalization) == ("mean", "siglip", "last:1", "plate")
+    assert c.vision_heads == 4  # 5 heads do not divide the 12-wide features: the largest number below that does
+    assert (c.pooling, c.loss, c.text_tuning, c.input_normalization) == ("mean", "siglip", "last:1", "field")
+    assert c.text_encoder == str(tiny_bert_dir)
     assert c.stains == ["DNA", "RNA"] and c.image_encoder == "morphology"
     assert c.feature_correction == {k: v for k, v in data.correction_spec.items() if k != "_state"}
     assert "feature_correction.whiten" in model.extra_tensors
@@ -67,7 +70,7 @@ def test_the_final_model_records_the_data_and_the_options(full_run, data):
     t = c.training
     assert (t["world_size"], t["n_train_wells"], t["prompts"], t["val_plates"]) == \
         (1, 6, ["DMSO", "compound alpha", "compound beta"], ["VAL"])
-    assert t["epochs"] == 3 and t["save_every"] == 1
+    assert t["epochs"] == 3 and t["save_every"] == 1 and t["data"] == [str(tmp_path / "plate")]
     assert json.loads((out / "train_args.json").read_text()) == {**t, "optimizer": "fused"}
     assert "VAL" in (out / "model" / "README.md").read_text()  # the model card names the validation plate
     # the model is the last checkpoint's
@@ -75,8 +78,7 @@ def test_the_final_model_records_the_data_and_the_options(full_run, data):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoints_hold_the_training_state_and_only_the_newest_are_kept(full_run):
-    out, _ = full_run
+def _check_checkpoints(out):
     ck = out / "checkpoints"
     assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-0000005", "checkpoint-0000006"]
     assert (ck / "latest").read_text() == "checkpoint-0000006"
@@ -92,8 +94,7 @@ def test_checkpoints_hold_the_training_state_and_only_the_newest_are_kept(full_r
     assert (end["step"], end["epoch"], end["sampler"]["start"]) == (6, 3, 0)
 
 
-def test_metrics_log_every_step_then_the_validations(full_run):
-    out, _ = full_run
+def _check_metrics(out, s):
     events = [(m.get("event"), m["step"], m.get("epoch")) for m in metrics(out)]
     assert events == [(None, 1, 0), (None, 2, 0), ("val", 2, 1), (None, 3, 1), (None, 4, 1), ("val", 4, 2),
                       (None, 5, 2), (None, 6, 2), ("final_val", 6, 3), ("done", 6, None)]
@@ -103,7 +104,7 @@ def test_metrics_log_every_step_then_the_validations(full_run):
     assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines)
     assert all(1 <= m["logit_scale"] <= 100 for m in lines)
     times = [m["time"] for m in lines]
-    assert times == sorted(times) and times[0] >= 0
+    assert times == sorted(times) and times[0] >= 0 and times[-1] <= s["train_seconds"] + 0.01
     val = metrics(out)[2]
     assert set(val) == {"event", "step", "epoch", "val_field_i2t_R@1", "val_field_t2i_R@1", "val_well_i2t_R@1",
                         "val_well_t2i_R@1"}
@@ -145,6 +146,7 @@ def test_stop_after_steps_checkpoints_and_stops(monkeypatch, tmp_path, tiny_bert
         {"epoch": 1, "start": 1, "seed": 3}
     err = capsys.readouterr().err
     assert "stopped after 3 steps (--stop-after-steps); resume with --resume" in err
+    assert "train:" not in err  # --no-progress: the messages without the bar
     # a stop at or past the last step is no early stop
     s = fit(monkeypatch, data, cfg(tmp_path / "all", tiny_bert_dir, epochs=2, stop_after_steps=4))
     assert not s["stopped_early"] and s["steps"] == 4 and (tmp_path / "all" / "model").is_dir()
@@ -157,7 +159,8 @@ def test_quiet_says_nothing_and_progress_goes_to_stderr(monkeypatch, tmp_path, t
     fit(monkeypatch, data, cfg(tmp_path / "loud", tiny_bert_dir, epochs=1, quiet=False, no_progress=False))
     got = capsys.readouterr()
     assert got.out == ""
-    assert "train: 100%" in got.err and "2/2" in got.err and "loss=" in got.err  # the progress bar
+    assert "train: 100%" in got.err and "2/2" in got.err  # the progress bar
+    assert re.search(r"epoch=0, loss=\d+\.\d{4}\b", got.err) and re.search(r"step/s|s/step", got.err)
     assert f"saved {tmp_path / 'loud' / 'model'} (2 steps," in got.err
     assert "R@1" in got.err  # the validation report
 
@@ -199,7 +202,7 @@ def test_another_rank_trains_but_writes_nothing(monkeypatch, tmp_path, tiny_bert
     monkeypatch.setattr(tt, "Dist", Rank1)
     out = tmp_path / "run"
     s = fit(monkeypatch, make_data(val=True), cfg(out, tiny_bert_dir, epochs=2, save_every=1, eval_every=1,
-                                                  quiet=False, stop_after_steps=3))
+                                                  quiet=False, no_progress=False, stop_after_steps=3))
     assert s["steps"] == 3 and not out.exists()
     assert capsys.readouterr().err == ""
     s = fit(monkeypatch, make_data(val=True), cfg(out, tiny_bert_dir, epochs=1, quiet=False))
@@ -245,3 +248,32 @@ def test_the_distinct_batch_cap_is_not_warned_again(monkeypatch, tmp_path, tiny_
     assert s["batch_size"] == 3 and s["steps_per_epoch"] == 2
     assert not [w for w in recwarn if "capped" in str(w.message)]  # prepare says it once, as a note
     assert TRAINING_STATE
+
+
+def test_batches_follow_the_seed(tmp_path, tiny_bert_dir):
+    from training.data import ShuffledBatchSampler
+
+    data = make_data()
+    for seed in (3, 4):
+        run = run_of(cfg(tmp_path, tiny_bert_dir, seed=seed, batch_size=2), data)
+        want = ShuffledBatchSampler(data.train.prompt_ids, 2, seed=seed).batches(0)
+        assert [b.tolist() for b in run.sampler] == [b.tolist() for b in want]
+
+
+def test_validation_logs_and_returns_to_training_mode(tmp_path, tiny_bert_dir):
+    run = run_of(cfg(tmp_path, tiny_bert_dir, text_tuning="full"), make_data(val=True))
+    run.output.mkdir(parents=True, exist_ok=True)
+    run.step, run.epoch = 4, 2
+    rep = tt.validate(run, "val")
+    assert run.model.training and run.model.text.training  # dropout on again for the next steps
+    assert (rep["step"], rep["epoch"], rep["plates"]) == (4, 2, ["VAL"])
+    assert metrics(run.output)[0]["val_well_i2t_R@1"] == rep["well"]["image_to_text"]["R@1"]
+    run.data.val = None
+    assert tt.validate(run, "val") is None
+
+
+def test_metrics_lines_take_numpy_and_torch_numbers(tmp_path, tiny_bert_dir):
+    run = run_of(cfg(tmp_path, tiny_bert_dir), make_data())
+    run.output.mkdir(parents=True, exist_ok=True)
+    run.log({"step": 1, "a": np.float32(0.5), "b": torch.tensor(2.0), "c": np.int64(3)})
+    assert metrics(run.output) == [{"step": 1, "a": 0.5, "b": 2.0, "c": 3.0}]

@@ -53,12 +53,13 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(monkeypatch, tmp_path, tiny_
     assert part["stopped_early"] and part["steps"] == stop
     with open(out / "metrics.jsonl", "ab") as fh:
         fh.write(b'{"step": 9, "loss": 1.\xff')  # a line cut short by the kill (mid-character)
-    resumed = fit(monkeypatch, data, cfg(out, tiny_bert_dir, resume=True, quiet=False, **KW))
+    resumed = fit(monkeypatch, data, cfg(out, tiny_bert_dir, resume=True, quiet=False, no_progress=False, **KW))
     assert resumed["steps"] == 6 and not resumed["stopped_early"]
     epoch, batch = divmod(stop, 2)
     said = capsys.readouterr().err
     assert f"resumed from {out / 'checkpoints' / f'checkpoint-{stop:07d}'} at step {stop} " \
            f"(epoch {epoch if batch else epoch - 1}, batch {batch or 2})" in said
+    assert f"{stop}/6" in said and "6/6" in said  # the bar goes on from the step resumed from
     a, b = weights(uninterrupted / "model"), weights(out / "model")
     assert a.keys() == b.keys()
     for k in a:

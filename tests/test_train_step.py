@@ -15,6 +15,7 @@ import training.train as tt
 from _train_data import cfg, make_data, run_of, step_lines
 from _train_data import fit as run_fit
 from napari_cellclip.losses import compute_loss
+from training.checkpoints import load_training_state
 from training.scheduler import warmup_cosine
 
 
@@ -47,8 +48,9 @@ def _expected_loss_and_grads(run, rows):
 def test_a_step_optimises_the_configured_loss_of_the_batch(tmp_path, tiny_bert_dir, data, loss):
     """The returned loss is the batch's contrastive loss (labels, channel features, the SigLIP bias),
     and the gradients are its gradients, for every trainable parameter."""
-    run = run_of(cfg(tmp_path, tiny_bert_dir, loss=loss, grad_clip=0), data)
-    rows = _rows(run)
+    run = run_of(cfg(tmp_path, tiny_bert_dir, loss=loss, grad_clip=0, batch_size=6), data)
+    rows = _rows(run)  # all 6 wells: each prompt twice (the labels make them positives)
+    assert len(rows) == 6
     want, grads = _expected_loss_and_grads(run, rows)
     got, gnorm = tt.train_step(run, rows)
     assert float(got) == pytest.approx(want, rel=1e-5)
@@ -143,6 +145,12 @@ def test_bag_augmentation_draws_field_subsets_by_seed_and_step(tmp_path, tiny_be
     for rows, x in _inputs(run, 6):
         sizes |= set((x.reshape(len(rows), x.shape[1], -1).abs().sum(-1) > 0).sum(1).tolist())
     assert 1 in sizes and sizes <= {1, 2, 3}
+    # the subsets of step s are those of the seed's stream for (seed, s, rank): a seed gives the same
+    # run in every version
+    for s, (rows, x) in enumerate(_inputs(run_of(cfg(tmp_path / "e", tiny_bert_dir, bag_min_fields=2,
+                                                     bag_max_fields=3, seed=7), data), 2)):
+        want = wb.gather_subsets(rows, np.random.default_rng([7, s, 0, 0xA06]), 2, 3)
+        assert torch.equal(x, torch.from_numpy(want))
 
 
 def test_bf16_precision_runs_the_towers_under_autocast(tmp_path, tiny_bert_dir, data):
@@ -160,17 +168,31 @@ def test_fp16_scales_the_loss_and_unscales_before_clipping(tmp_path, tiny_bert_d
     run.scaler.load_state_dict({**run.scaler.state_dict(), "scale": 4.0})
     rows = _rows(run)
     _, grads = _expected_loss_and_grads(run, rows)
+    before = run.model.visual.proj.detach().clone()
     _, gnorm = tt.train_step(run, rows)
     full = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
     assert float(gnorm) == pytest.approx(full, rel=0.05)  # the true norm, not the scaled one
     assert run.scaler.get_scale() == 4.0  # no inf/NaN: the scale stays
+    assert not torch.equal(run.model.visual.proj, before)  # and the step was taken
+    run.step = 1
+    tt.checkpoint(run)  # the scaler's state is saved (a resumed run goes on with its scale)
+    assert load_training_state(tmp_path / "checkpoints" / "checkpoint-0000001")["scaler"]["scale"] == 4.0
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(tmp_path, tiny_bert_dir, data):
+    run = run_of(cfg(tmp_path, tiny_bert_dir, precision="fp16"), data)  # 65536: this model's backward overflows
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    loss, _ = tt.train_step(run, _rows(run))
+    assert torch.isfinite(loss) and run.scaler.get_scale() == 32768.0
+    assert all(torch.equal(p, before[n]) for n, p in run.model.named_parameters())
 
 
 def test_logged_learning_rate_follows_warmup_then_cosine(monkeypatch, tmp_path, tiny_bert_dir, data):
     """--warmup 2 --min-lr-ratio 0.1 over 3 epochs of 2 steps: each step line logs the rate the
-    next step will use."""
+    next step will use (--lr's, not the text tower's --text-lr)."""
     out = tmp_path / "run"
-    s = run_fit(monkeypatch, data, cfg(out, tiny_bert_dir, epochs=3, warmup=2, min_lr_ratio=0.1, lr=0.01))
+    s = run_fit(monkeypatch, data, cfg(out, tiny_bert_dir, epochs=3, warmup=2, min_lr_ratio=0.1, lr=0.01,
+                                       text_tuning="full", text_lr=1e-4))
     f = warmup_cosine(6, 2, 0.1)
     assert s["total_steps"] == 6
     assert [m["lr"] for m in step_lines(out)] == pytest.approx([0.01 * f(k) for k in range(1, 7)])

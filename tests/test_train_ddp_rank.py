@@ -1,0 +1,79 @@
+"""training/train.py under torchrun, seen from rank 0 of two: the model is DDP-wrapped, the loss
+gathers the global batch, every rank's RNG state goes into the checkpoint.
+
+One process plays rank 0 of a 2-process run: a 1-process gloo group carries DDP and the loss's
+all-gather, and the Dist's all_gather returns a second rank's RNG state (the real 2-process run is
+tests/test_training_ddp.py, too slow for the mutation selection)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+import transformers.models.bert.modeling_bert  # noqa: F401  (imported at collection, not per test)
+from torch.nn.parallel import DistributedDataParallel
+
+import training.train as tt
+from _train_data import cfg, make_data
+from training.checkpoints import load_training_state
+from training.distributed import Dist
+
+
+class Rank0Of2(Dist):
+    def __init__(self):
+        super().__init__()
+        self.rank, self.world, self.local_rank = 0, 2, 0
+
+    def all_gather(self, obj):
+        other = dict(obj, torch=torch.zeros_like(obj["torch"]))  # rank 1's state differs
+        return [obj, other]
+
+
+@pytest.fixture()
+def group(tmp_path):
+    if tdist.is_initialized():
+        pytest.skip("a process group is already running")
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    tdist.destroy_process_group()
+
+
+def test_rank0_of_two_wraps_ddp_gathers_the_loss_and_saves_every_rank_rng(monkeypatch, tmp_path, tiny_bert_dir,
+                                                                            group):
+    import napari_cellclip.losses as losses
+
+    calls = []
+    real = losses.compute_loss
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(losses, "compute_loss", spy)
+    data = make_data()
+    run = tt.setup(cfg(tmp_path, tiny_bert_dir, batch_size=2, save_every=1), data, Rank0Of2(), torch.device("cpu"),
+                   lambda *m: None)
+    assert isinstance(run.net, DistributedDataParallel) and run.net.module is run.model
+    assert run.sampler.world_size == 2 and run.sampler.rank == 0 and run.train_args["world_size"] == 2
+    rows = next(iter(run.sampler))
+    assert len(rows) == 2  # this rank's half of a global batch of 4
+    tt.train_step(run, rows)
+    assert calls[-1]["gather"] is True and calls[-1]["labels"].tolist() == run.data.train.prompt_ids[rows].tolist()
+    run.step = 1
+    tt._start_logs(run)
+    tt.checkpoint(run)
+    st = load_training_state(tmp_path / "checkpoints" / "checkpoint-0000001")
+    assert st["world_size"] == 2 and len(st["rank_rng"]) == 2
+    assert torch.equal(st["rank_rng"][0]["torch"], st["rng"]["torch"]) and not st["rank_rng"][1]["torch"].any()
+
+
+def test_a_single_process_is_not_wrapped_and_does_not_gather(monkeypatch, tmp_path, tiny_bert_dir):
+    import napari_cellclip.losses as losses
+
+    calls = []
+    real = losses.compute_loss
+    monkeypatch.setattr(losses, "compute_loss", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    run = tt.setup(cfg(tmp_path, tiny_bert_dir), make_data(), Dist(), torch.device("cpu"), lambda *m: None)
+    assert run.net is run.model
+    tt.train_step(run, next(iter(run.sampler)))
+    assert calls[-1]["gather"] is False and calls[-1]["labels"].device.type == "cpu"
