@@ -105,6 +105,7 @@ def _check_metrics(out, s):
     assert all(1 <= m["logit_scale"] <= 100 for m in lines)
     times = [m["time"] for m in lines]
     assert times == sorted(times) and times[0] >= 0 and times[-1] <= s["train_seconds"] + 0.01
+    assert all(isinstance(t, float) and round(t, 3) == t for t in times)  # seconds, to the millisecond
     val = metrics(out)[2]
     assert set(val) == {"event", "step", "epoch", "val_field_i2t_R@1", "val_field_t2i_R@1", "val_well_i2t_R@1",
                         "val_well_t2i_R@1"}
