@@ -196,3 +196,17 @@ def test_logged_learning_rate_follows_warmup_then_cosine(monkeypatch, tmp_path, 
     f = warmup_cosine(6, 2, 0.1)
     assert s["total_steps"] == 6
     assert [m["lr"] for m in step_lines(out)] == pytest.approx([0.01 * f(k) for k in range(1, 7)])
+
+
+def test_the_batch_goes_to_the_training_device(monkeypatch, tmp_path, tiny_bert_dir, data):
+    """Features, the distinct prompts and their inverse map are sent to the run's device (on a GPU run
+    the model is there; this CPU test sees where each is sent)."""
+    import napari_cellclip.devices as devices
+
+    sent = []
+    real = devices.to_device
+    monkeypatch.setattr(devices, "to_device", lambda t, device: sent.append(device) or real(t, device))
+    run = run_of(cfg(tmp_path, tiny_bert_dir), data)
+    run.device = torch.device("cpu")
+    tt.train_step(run, _rows(run))
+    assert len(sent) == 3 and all(d is run.device for d in sent)
