@@ -96,7 +96,8 @@ MODULES: dict[str, Module] = {
     # fits of test_training*.py (real plates, MiniLM) take ~100 s, paid again by every mutant
     "training/train": Module("training/train.py",
                              ["tests/test_train_step.py", "tests/test_train_outputs.py", "tests/test_train_resume.py",
-                              "tests/test_train_metrics.py", "tests/test_train_ddp_rank.py"]),
+                              "tests/test_train_metrics.py", "tests/test_train_ddp_rank.py",
+                              "tests/test_train_progress.py"]),
 }
 
 
