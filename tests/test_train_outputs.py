@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -30,9 +31,11 @@ def test_a_finished_fit(monkeypatch, tmp_path, tiny_bert_dir, data):
     final model and its config, the checkpoints, metrics.jsonl.  (One test: mutmut credits a fixture's
     fit to the first test using it only.)"""
     out = tmp_path / "run"
+    t0 = time.perf_counter()
     s = fit(monkeypatch, data, cfg(out, tiny_bert_dir, epochs=3, save_every=1, keep=2, eval_every=1, vision_heads=5,
                                    context_length=12, text_tuning="last:1", pooling="mean", loss="siglip",
                                    normalization="field", data=[tmp_path / "plate"]))
+    assert s["seconds"] <= time.perf_counter() - t0 + 0.01  # the fit's own wall time
     _check_summary(out, s, data)
     _check_model(out, data, tiny_bert_dir, tmp_path)
     _check_checkpoints(out)
@@ -73,7 +76,10 @@ def _check_model(out, data, tiny_bert_dir, tmp_path):
         (1, 6, ["DMSO", "compound alpha", "compound beta"], ["VAL"])
     assert t["epochs"] == 3 and t["save_every"] == 1 and t["data"] == [str(tmp_path / "plate")]
     assert json.loads((out / "train_args.json").read_text()) == {**t, "optimizer": "fused"}
-    assert "VAL" in (out / "model" / "README.md").read_text()  # the model card names the validation plate
+    card = (out / "model" / "README.md").read_text()  # the model card: data, run, held-out metrics
+    assert "22 fields of view in 9 wells on 2 plate(s): TRAIN, VAL" in card
+    assert "3 epochs, 6 steps" in card and "(feature extraction 0.12 s)" in card
+    assert "Retrieval on the held-out plate(s) VAL (3 wells, 7 fields, 3 prompts" in card
     # the model is the last checkpoint's
     a, b = weights(out / "model"), weights(out / "checkpoints" / "checkpoint-0000006")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
