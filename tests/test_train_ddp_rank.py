@@ -77,3 +77,29 @@ def test_a_single_process_is_not_wrapped_and_does_not_gather(monkeypatch, tmp_pa
     assert run.net is run.model
     tt.train_step(run, next(iter(run.sampler)))
     assert calls[-1]["gather"] is False and calls[-1]["labels"].device.type == "cpu"
+
+
+def test_a_fit_as_rank0_of_two_joins_the_group_with_the_timeout_and_leaves_it(monkeypatch, tmp_path,
+                                                                              tiny_bert_dir):
+    import datetime
+
+    from _train_data import fit
+
+    if tdist.is_initialized():
+        pytest.skip("a process group is already running")
+    joined = []
+
+    def init_process_group(**kw):  # the real group has one process here
+        joined.append(kw)
+        tdist.init_process_group.__wrapped_real__("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1),
+                                                  rank=0, world_size=1)
+
+    init_process_group.__wrapped_real__ = tdist.init_process_group
+    monkeypatch.setattr(tdist, "init_process_group", init_process_group)
+    monkeypatch.setattr(tt, "Dist", Rank0Of2)
+    out = tmp_path / "run"
+    s = fit(monkeypatch, make_data(), cfg(out, tiny_bert_dir, epochs=1, dist_timeout=7))
+    assert joined == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}]
+    assert not tdist.is_initialized()  # left at the end
+    assert s["world_size"] == 2 and s["batch_size"] == 3 and s["steps_per_epoch"] == 1  # global batch of 6
+    assert len(load_training_state(out / "checkpoints" / "checkpoint-0000001")["rank_rng"]) == 2
