@@ -78,6 +78,7 @@ def fit(monkeypatch, data, config, prepared=None):
     def fake_prepare(c, dist, device, say):
         if prepared is not None:
             prepared.append((c, dist, device))
+        say(f"data: {len(data.fields)} fields")  # as prepare says what it read
         return data
 
     monkeypatch.setattr(tt, "prepare", fake_prepare)

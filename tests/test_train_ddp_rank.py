@@ -7,6 +7,7 @@ tests/test_training_ddp.py, too slow for the mutation selection)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
@@ -103,3 +104,18 @@ def test_a_fit_as_rank0_of_two_joins_the_group_with_the_timeout_and_leaves_it(mo
     assert not tdist.is_initialized()  # left at the end
     assert s["world_size"] == 2 and s["batch_size"] == 3 and s["steps_per_epoch"] == 1  # global batch of 6
     assert len(load_training_state(out / "checkpoints" / "checkpoint-0000001")["rank_rng"]) == 2
+
+
+def test_rank1_of_two_takes_the_second_half_of_each_global_batch(tmp_path, tiny_bert_dir, group):
+    class Rank1Of2(Rank0Of2):
+        def __init__(self):
+            super().__init__()
+            self.rank = 1
+
+    from training.data import ShuffledBatchSampler
+
+    data = make_data()
+    run = tt.setup(cfg(tmp_path, tiny_bert_dir, batch_size=2), data, Rank1Of2(), torch.device("cpu"), lambda *m: None)
+    glob = ShuffledBatchSampler(data.train.prompt_ids, 2, seed=3, rank=0, world_size=2).global_batches(0)
+    # global batches of 3 wells padded to 4 by repeating their own: rank 1 takes places 2 and 3
+    assert [b.tolist() for b in run.sampler] == [np.resize(g, 4)[2:].tolist() for g in glob]

@@ -169,7 +169,7 @@ def test_quiet_says_nothing_and_progress_goes_to_stderr(monkeypatch, tmp_path, t
     assert got.out == ""
     assert "train: 100%" in got.err and "2/2" in got.err  # the progress bar
     assert re.search(r"epoch=0, loss=\d+\.\d{4}\b", got.err) and re.search(r"step/s|s/step", got.err)
-    assert f"saved {tmp_path / 'loud' / 'model'} (2 steps," in got.err
+    assert f"saved {tmp_path / 'loud' / 'model'} (2 steps," in got.err and "data: 22 fields" in got.err
     assert "R@1" in got.err  # the validation report
 
 
@@ -285,3 +285,27 @@ def test_metrics_lines_take_numpy_and_torch_numbers(tmp_path, tiny_bert_dir):
     run.output.mkdir(parents=True, exist_ok=True)
     run.log({"step": 1, "a": np.float32(0.5), "b": torch.tensor(2.0), "c": np.int64(3)})
     assert metrics(run.output) == [{"step": 1, "a": 0.5, "b": 2.0, "c": 3.0}]
+
+
+def test_an_explicit_cpu_device_is_kept_where_a_gpu_is_available(monkeypatch, tmp_path, tiny_bert_dir):
+    """--device cpu on a machine with CUDA ("auto" would pick the GPU); a data error reaches the user as
+    itself."""
+    from napari_cellclip.errors import CellClipError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = []
+
+    def prepare(c, dist, device, say):
+        seen.append(device)
+        raise CellClipError("no such plate: P1")
+
+    monkeypatch.setattr(tt, "prepare", prepare)
+    with pytest.raises(CellClipError, match="no such plate: P1"):
+        tt.fit(cfg(tmp_path / "run", tiny_bert_dir))
+    assert seen == [torch.device("cpu")]
+
+
+def test_setup_puts_the_model_and_the_prompts_on_the_device(tmp_path, tiny_bert_dir):
+    run = tt.setup(cfg(tmp_path, tiny_bert_dir), make_data(), tt.Dist(), torch.device("meta"), lambda *m: None)
+    assert next(run.model.parameters()).device.type == "meta"
+    assert [t.device.type for t in run.tokens] == ["meta", "meta"]
