@@ -85,3 +85,22 @@ def test_resuming_a_finished_run_finishes_it_again_without_duplicate_lines(monke
     s = fit(monkeypatch, data, cfg(out, tiny_bert_dir, resume=True, **c))
     assert s["steps"] == 4
     _same_lines(_lines(out), first)
+
+
+def test_resume_restores_the_fp16_scale_and_clears_an_interrupted_write(monkeypatch, tmp_path, tiny_bert_dir, data):
+    """The fp16 scaler goes on with its scale (this model overflows at the first scale, which backs off);
+    a temporary folder left by a killed checkpoint write is removed, with a warning."""
+    import torch
+
+    import training.train as tt
+    from napari_cellclip.errors import CellClipWarning
+    from training.distributed import Dist
+
+    out = tmp_path / "run"
+    fit(monkeypatch, data, cfg(out, tiny_bert_dir, precision="fp16", epochs=2, stop_after_steps=1))
+    stale = out / "checkpoints" / ".checkpoint-0000002.tmp-0123abcd"
+    stale.mkdir()
+    with pytest.warns(CellClipWarning, match="interrupted write"):
+        run = tt.setup(cfg(out, tiny_bert_dir, precision="fp16", epochs=2, resume=True), data, Dist(),
+                       torch.device("cpu"), lambda *m: None)
+    assert run.step == 1 and run.scaler.get_scale() == 32768.0 and not stale.exists()
