@@ -51,6 +51,11 @@ def test_rank0_of_two_wraps_ddp_gathers_the_loss_and_saves_every_rank_rng(monkey
         return real(*a, **kw)
 
     monkeypatch.setattr(losses, "compute_loss", spy)
+    import napari_cellclip.devices as devices
+
+    sent = []
+    real_to = devices.to_device
+    monkeypatch.setattr(devices, "to_device", lambda t, device: sent.append(device) or real_to(t, device))
     data = make_data()
     run = tt.setup(cfg(tmp_path, tiny_bert_dir, batch_size=2, save_every=1), data, Rank0Of2(), torch.device("cpu"),
                    lambda *m: None)
@@ -60,6 +65,8 @@ def test_rank0_of_two_wraps_ddp_gathers_the_loss_and_saves_every_rank_rng(monkey
     assert len(rows) == 2  # this rank's half of a global batch of 4
     tt.train_step(run, rows)
     assert calls[-1]["gather"] is True and calls[-1]["labels"].tolist() == run.data.train.prompt_ids[rows].tolist()
+    # the labels are all-gathered with the embeddings: they go to the device too (4 inputs, not 3)
+    assert len(sent) == 4 and all(d is run.device for d in sent)
     run.step = 1
     tt._start_logs(run)
     tt.checkpoint(run)

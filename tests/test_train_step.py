@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -210,3 +212,19 @@ def test_the_batch_goes_to_the_training_device(monkeypatch, tmp_path, tiny_bert_
     run.device = torch.device("cpu")
     tt.train_step(run, _rows(run))
     assert len(sent) == 3 and all(d is run.device for d in sent)
+
+
+def test_without_clipping_the_zero_norm_is_made_on_the_training_device(monkeypatch, tmp_path, tiny_bert_dir, data):
+    """(it is stacked with the loss when logged: on a GPU run a CPU zero could not join them)"""
+    run = run_of(cfg(tmp_path, tiny_bert_dir, grad_clip=0), data)
+    made = []
+    real = torch.zeros
+
+    def zeros(*shape, **kw):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("training", "train.py")):
+            made.append(kw.get("device"))
+        return real(*shape, **kw)
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    _, gnorm = tt.train_step(run, _rows(run))
+    assert made == [run.device] and float(gnorm) == 0.0
