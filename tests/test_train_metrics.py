@@ -11,7 +11,9 @@ from training.train import _trim_metrics
 
 
 def _write(path, lines):
-    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
+    """JSON Lines as UTF-8 (the format's encoding; run.log itself writes ASCII escapes)."""
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x, ensure_ascii=False).encode())
+                              + b"\n" for x in lines))
 
 
 def _read(path):
@@ -44,6 +46,8 @@ def test_a_line_without_a_step_counts_as_written_before_the_first_step(tmp_path)
 
 
 def test_metrics_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """A line holding UTF-8 text (JSON Lines are UTF-8; another tool may have added it) comes through a
+    resume unchanged under a locale whose encoding is not UTF-8."""
     m = tmp_path / "metrics.jsonl"
     _write(m, [{"step": 1, "output": "/data/Läufe/run"}, {"step": 2}])
     old = locale.setlocale(locale.LC_CTYPE)
