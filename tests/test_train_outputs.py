@@ -34,7 +34,7 @@ def test_a_finished_fit(monkeypatch, tmp_path, tiny_bert_dir, data):
     t0 = time.perf_counter()
     s = fit(monkeypatch, data, cfg(out, tiny_bert_dir, epochs=3, save_every=1, keep=2, eval_every=1, vision_heads=5,
                                    context_length=12, text_tuning="last:1", pooling="mean", loss="siglip",
-                                   normalization="field", data=[tmp_path / "plate"]))
+                                   normalization="plate", data=[tmp_path / "plate"]))  # not the config's "field"
     assert s["seconds"] <= time.perf_counter() - t0 + 0.01  # the fit's own wall time
     _check_summary(out, s, data)
     _check_model(out, data, tiny_bert_dir, tmp_path)
@@ -65,7 +65,7 @@ def _check_model(out, data, tiny_bert_dir, tmp_path):
     c = model.config
     assert (c.embed_dim, c.vision_width, c.vision_layers, c.input_channels, c.context_length) == (8, 12, 1, 2, 12)
     assert c.vision_heads == 4  # 5 heads do not divide the 12-wide features: the largest number below that does
-    assert (c.pooling, c.loss, c.text_tuning, c.input_normalization) == ("mean", "siglip", "last:1", "field")
+    assert (c.pooling, c.loss, c.text_tuning, c.input_normalization) == ("mean", "siglip", "last:1", "plate")
     assert c.text_encoder == str(tiny_bert_dir)
     assert c.stains == ["DNA", "RNA"] and c.image_encoder == "morphology"
     assert c.feature_correction == {k: v for k, v in data.correction_spec.items() if k != "_state"}
