@@ -123,8 +123,8 @@ def setup(cfg: FitConfig, data: TrainingData, dist: Dist, device, say) -> Run:
         else:
             ck, run.step, run.epoch, run.start = got
             say(f"resumed from {ck} at step {run.step} (epoch {run.epoch}, batch {run.start})")
-    if run.start >= len(sampler):
-        run.epoch, run.start = run.epoch + 1, 0
+    # a checkpoint taken after an epoch's last batch (start == len(sampler)) resumes with that epoch's
+    # empty rest: train() then ends the epoch as an uninterrupted run does (its eval_every validation)
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -133,15 +133,20 @@ def setup(cfg: FitConfig, data: TrainingData, dist: Dist, device, say) -> Run:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines up to the step resumed from: the steps after it are run (and logged)
-    again, and a line cut short by a kill is dropped."""
+    """Keep the metrics lines of what happened before the checkpoint resumed from: the step lines
+    up to its step, the events (validations, "done") before it.  The steps after it, and the events
+    that follow a checkpoint at its own step (an epoch's validation, the final one), are run and
+    logged again; a line cut short by a kill is dropped."""
     kept = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+        if not isinstance(rec, dict):
+            continue
+        at = int(rec.get("step", 0))
+        if at < step or (at == step and "event" not in rec):
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 
@@ -331,7 +336,7 @@ def finish(run: Run, t_start: float) -> dict:
         from napari_cellclip.modelcard import write_model_card
 
         write_model_card(run.output / "model", summary=summary, fields=run.data.fields, report=rep)
-        run.log({"event": "done", **{k: v for k, v in summary.items() if k != "val"}})
+        run.log({"event": "done", "step": run.step, **{k: v for k, v in summary.items() if k != "val"}})
         run.say(f"saved {run.output / 'model'} ({run.step} steps, {summary['seconds']:.1f}s)")
     run.dist.barrier()
     return summary
