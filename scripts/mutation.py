@@ -80,7 +80,7 @@ MODULES: dict[str, Module] = {
     "model": Module("src/napari_cellclip/model.py",
                     ["tests/test_model.py", "tests/test_model_behaviour.py", "tests/test_model_config.py",
                      "tests/test_model_text.py", "tests/test_model_devices.py", "tests/test_model_tuning.py",
-                     "tests/test_model_visual.py"]),
+                     "tests/test_model_visual.py", "tests/test_model_layernorm.py"]),
     "images": Module("src/napari_cellclip/images.py",
                      ["tests/test_plates.py", "tests/test_plate_sampling.py", "tests/test_features.py",
                       "tests/test_formats.py", "tests/test_reader.py", "tests/test_bad_input.py",
