@@ -12,9 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from transformers.utils import logging as hf_logging
-
-hf_logging.disable_progress_bar()  # as training.loop.fit does for quiet runs
 
 C, D = 2, 12
 PROMPTS = ["DMSO", "compound alpha", "compound beta"]

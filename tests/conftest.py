@@ -112,6 +112,19 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
+def hf_bars_off():
+    """transformers' progress bars off for one test, as ``training.loop.fit`` turns them off for quiet
+    runs; restored afterwards (a global switch: left off, it changes what later tests see)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    yield
+    if was:
+        hf_logging.enable_progress_bar()
+
+
+@pytest.fixture()
 def sample_plate_path() -> Path:
     from napari_cellclip.sample import sample_plate_dir
 

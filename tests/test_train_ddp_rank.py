@@ -19,6 +19,9 @@ from _train_data import cfg, make_data
 from training.checkpoints import load_training_state
 from training.distributed import Dist
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 
 class Rank0Of2(Dist):
     def __init__(self):

@@ -9,6 +9,9 @@ import pytest
 
 from training.train import _trim_metrics
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 
 def _write(path, lines):
     """JSON Lines as UTF-8 (the format's encoding; run.log itself writes ASCII escapes)."""

@@ -20,6 +20,9 @@ from napari_cellclip.checkpoints import TRAINING_STATE
 from napari_cellclip.model import CellCLIP
 from training.checkpoints import load_training_state
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 
 @pytest.fixture(scope="module")
 def data():

@@ -15,6 +15,9 @@ import transformers.models.bert.modeling_bert  # noqa: F401  (imported at collec
 import training.train as tt
 from _train_data import cfg, fit, make_data
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 pty = pytest.importorskip("pty")
 
 

@@ -10,6 +10,9 @@ import transformers.models.bert.modeling_bert  # noqa: F401  (imported at collec
 
 from _train_data import cfg, fit, make_data, metrics, weights
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 KW = dict(epochs=3, eval_every=1, text_tuning="full", bag_min_fields=1, bag_max_fields=2, warmup=2)
 
 

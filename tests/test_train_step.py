@@ -20,6 +20,9 @@ from napari_cellclip.losses import compute_loss
 from training.checkpoints import load_training_state
 from training.scheduler import warmup_cosine
 
+# transformers' own progress bars off while these tests load the tiny text tower (as quiet fits do)
+pytestmark = pytest.mark.usefixtures("hf_bars_off")
+
 
 @pytest.fixture(scope="module")
 def data():
