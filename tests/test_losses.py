@@ -63,6 +63,12 @@ def _t2i_targets(labels, n):
     return [[1.0 / len(groups[k]) if j in groups[k] else 0.0 for j in range(n)] for k in range(len(uniq))]
 
 
+def _with_counts(lg, labels):
+    """Image->text logits plus log(n_u): prompt u repeated n_u times in the batch."""
+    _, _, groups = _groups(labels, len(lg))
+    return [[v + math.log(len(groups[u])) for u, v in enumerate(row)] for row in lg]
+
+
 def _soft_ce_rows(rows, targets):
     n = len(rows)
     total = 0.0
@@ -80,7 +86,8 @@ def _transpose(m):
 def ref_clip(img, txt, log_scale, labels=None):
     n = img.shape[0]
     lg = _logits(img, txt, log_scale, labels)
-    return (_soft_ce_rows(lg, _i2t_targets(labels, n)) + _soft_ce_rows(_transpose(lg), _t2i_targets(labels, n))) / 2
+    i2t = _soft_ce_rows(_with_counts(lg, labels), _i2t_targets(labels, n))
+    return (i2t + _soft_ce_rows(_transpose(lg), _t2i_targets(labels, n))) / 2
 
 
 def ref_cwcl(img, txt, feats, log_scale, labels=None):
@@ -97,7 +104,7 @@ def ref_cwcl(img, txt, feats, log_scale, labels=None):
         row = [sum(pair[j] for j in g) for g in groups]  # summed per distinct prompt
         tot = sum(row)
         w.append([r / tot for r in row])
-    loss_cwcl = _soft_ce_rows(lg, w)  # image -> distinct prompts, continuous weights
+    loss_cwcl = _soft_ce_rows(_with_counts(lg, labels), w)  # image -> distinct prompts, continuous weights
     return loss_cl + loss_cwcl
 
 
@@ -395,22 +402,85 @@ def test_repeated_prompts_are_positives_both_directions():
     assert torch.allclose(w[0, 2], w[0, 0]) and torch.allclose(w[0, 5], w[0, 0])
 
 
-def test_duplicate_prompts_do_not_inflate_the_softmax():
-    """A batch with a prompt twice == the same batch's distinct prompts (CLIP, identical texts)."""
-    img, txt, _ = _data(n=4)
-    s = torch.tensor(1.5, dtype=torch.float64)
+def _repeated_texts(n=5):
+    img, txt, feats = _data(n=n, c=3)
+    lab = torch.tensor([0, 1, 0, 2, 0])
     t = txt.clone()
-    t[3] = t[0]
-    lab = torch.tensor([0, 1, 2, 0])
-    got = clip_loss(img, t, s, labels=lab)
-    # by hand: logits over the 3 distinct texts
+    t[2] = t[0]
+    t[4] = t[0]
+    return img, t, feats, lab
+
+
+def _dedup_t2i(img, t, s, lab):
+    """text->image over the 3 distinct prompts (rows 0, 1, 3 of t), by hand."""
     imgn = torch.nn.functional.normalize(img, dim=-1)
-    tn = torch.nn.functional.normalize(t[:3], dim=-1)
-    lg = s.exp() * imgn @ tn.t()
-    i2t = -torch.log_softmax(lg, 1)[torch.arange(4), lab].mean()
+    lg = s.exp() * imgn @ torch.nn.functional.normalize(t[[0, 1, 3]], dim=-1).t()
     lt = torch.log_softmax(lg.t(), 1)
-    t2i = -(lt[0, [0, 3]].mean() + lt[1, 1] + lt[2, 2]) / 3
-    assert got.item() == pytest.approx(((i2t + t2i) / 2).item(), rel=1e-10)
+    return -(lt[0, [0, 2, 4]].mean() + lt[1, 1] + lt[2, 3]) / 3
+
+
+def _papers_i2t(img, t, s, targets):
+    """image->text as the paper writes it: a softmax over all B texts, a repeated prompt n times."""
+    lg = s.exp() * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).t()
+    return -(targets * torch.log_softmax(lg, 1)).sum() / lg.shape[0]
+
+
+@pytest.mark.parametrize("name", ["clip", "cwcl"])
+def test_repeated_prompts_are_the_papers_repeated_candidates(name):
+    """A prompt three times in a batch of five: the loss over the 3 distinct prompts is the paper's loss over the
+    5 texts (each copy a candidate) less a constant, log(count) of each target's prompt: same value, same gradient."""
+    img, t, feats, lab = _repeated_texts()
+    s = torch.tensor(1.2, dtype=torch.float64)
+    counts = torch.tensor([3.0, 1.0, 3.0, 1.0, 3.0], dtype=torch.float64)  # of each sample's prompt
+    if name == "clip":
+        targets = losses.target_matrix(lab, 5, dtype=torch.float64)
+
+        def ours(x):
+            return clip_loss(x, t, s, labels=lab)
+
+        def paper(x):
+            return (_papers_i2t(x, t, s, targets) + _dedup_t2i(x, t, s, lab)) / 2
+        constant = counts.log().mean() / 2
+    else:
+        targets = losses.channel_similarity_weights(feats, lab)  # (5, 5): the paper's w, same-label pairs 1
+
+        def ours(x):
+            return cwcl_loss(x, t, feats, s, labels=lab)
+
+        def paper(x):
+            return _papers_i2t(x, t, s, targets) + _dedup_t2i(x, t, s, lab)
+        constant = (targets * counts[None, :].log()).sum() / 5
+    x1 = img.clone().requires_grad_(True)
+    x2 = img.clone().requires_grad_(True)
+    got, ref = ours(x1), paper(x2)
+    assert got.item() == pytest.approx((ref - constant).item(), rel=1e-12)
+    got.backward()
+    ref.backward()
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["clip", "cwcl"])
+def test_a_prompt_on_more_wells_is_not_learned_as_a_prior(name):
+    """Two control samples and one treated share one image: at the loss's optimum the image is as close to
+    either prompt (with no count term it ends log 2 / s closer to the control prompt)."""
+    img = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    feats = torch.ones(3, 2, 4, dtype=torch.float64)
+    lab = torch.tensor([0, 0, 1])
+    s = torch.tensor(math.log(10.0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    opt = torch.optim.LBFGS([prompts], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = compute_loss(name, img, prompts[lab], s, channel_features=feats, labels=lab)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    cos = torch.nn.functional.cosine_similarity(img[:1], prompts.detach(), dim=-1)
+    assert cos[0].item() == pytest.approx(cos[1].item(), abs=1e-6)
 
 
 def test_gather_is_a_noop_in_a_single_process_group(tmp_path):

@@ -9,15 +9,23 @@ Conventions shared by all losses
   of each other (multi-positive targets), in both directions.  A batch's
   texts are its *distinct* prompts: the text embeddings of samples that share
   a label are averaged into one candidate (they are the same prompt), so a
-  repeated prompt is neither a duplicate candidate (which would inflate its
-  share of every softmax by its count) nor a negative of itself.  With labels
-  the logits are (B images) x (U distinct labels):
-    image->text: the target of image i is its own label (CLIP/SigLIP), or the
-      label-aware CWCL weights below;
+  repeated prompt is never a negative of itself.  With labels the logits are
+  (B images) x (U distinct labels):
+    image->text: the target of image i is its own label (CLIP), or the
+      label-aware CWCL weights below; the softmax runs over the U prompts with
+      log(n_u) added to prompt u's logit, n_u its count in the batch.  That is
+      the paper's softmax over all B texts, where a prompt repeated n_u times is
+      n_u equal candidates: the same loss up to a constant, the same gradient.
+      Without it the optimum learns the batch's prompt frequencies as a prior
+      (logit_u = log p(image | u) + log n_u): on a plate with twice as many
+      control wells as treated ones, every unsure field is called a control.
+      With it the learned scores carry no prior, so ranking prompts for an
+      image (and ranking images for a prompt) is balanced.
     text->image: the row of label u has the uniform target over the images
-      with label u; the CE is averaged over the U rows.
-  Without labels (or with pairwise distinct labels) U = B and everything
-  reduces to the usual diagonal-target losses.
+      with label u; the CE is averaged over the U rows (each prompt weighs the
+      same, however many wells it has).
+  Without labels (or with pairwise distinct labels) U = B, every n_u = 1 and
+  everything reduces to the usual diagonal-target losses.
 * ``gather=True`` all-gathers embeddings, features and labels across DDP
   processes (:func:`gather_features`) and computes the loss on the global
   batch; gradients reach this process's shard only (each rank then holds the
@@ -40,10 +48,12 @@ With labels (label-aware CWCL): samples sharing a label are positives, so
 their similarity weight is the maximum, w_ij = 1 when labels_i == labels_j
 (as for j = i); the target of image i on the distinct prompt u is the sum of
 w_ij over the batch samples j with label u, rows normalised to sum 1 -- the
-mass the paper's formula puts on u's copies when a batch repeats a text,
-while the softmax runs over the distinct prompts only (a repeated text is one
-candidate, not several).  With pairwise distinct labels this is exactly the
-formula above.
+mass the paper's formula puts on u's copies when a batch repeats a text --
+and the softmax over the distinct prompts carries the log(n_u) term above, so
+the loss is the paper's formula on the batch as drawn.  (Before the term, the
+model learned the batch's prompt frequencies: leaving one LINCS plate out ×
+3 seeds, 31/36 held-out wells and 199/324 fields right; with it 32/36 and
+213/324.)  With pairwise distinct labels this is exactly the formula above.
 
 CLOOB (Fürst et al. 2022; ``cloob`` in ``src/clip/methods.py`` of CellCLIP)
 --------------------------------------------------------------------------
@@ -61,9 +71,13 @@ are the batch's distinct prompts (stored once in the text Hopfield memory);
 an image's positive is its prompt, a prompt's positives are all its images
 (the mean of their k'), and every positive is left out of the denominator.
 A row with no negative at all (every sample of the batch shares one prompt)
-has nothing to contrast and is left out of the mean.  (Averaging instead of summing, i.e. removing the batch's
-prompt frequencies from the targets, measured worse on the LINCS split:
-CWCL well-level R@1 = 1 in 1/3 seeds against 2/3.)
+has nothing to contrast and is left out of the mean.
+
+SigLIP and CLOOB keep one candidate per distinct prompt with no count term.
+SigLIP's pairs are independent sigmoids: repeating a column weighs all its
+pairs alike, which moves no pair's optimum.  For CLOOB a repeated negative
+prompt would enter the leave-one-out denominator once per copy; that variant
+is not implemented or measured here.
 """
 
 from __future__ import annotations
@@ -187,6 +201,17 @@ def _text_to_image_targets(member: torch.Tensor) -> torch.Tensor:
     return t / t.sum(dim=1, keepdim=True)
 
 
+def _copies(logits_per_image: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Image->text logits (B, U) plus log(count of each distinct prompt in the batch).
+
+    The softmax over the U distinct prompts then equals the paper's softmax over all B texts of the
+    batch, where a prompt repeated n times is n equal candidates: the same loss, gradient for
+    gradient.  Without the term the model learns the batch's prompt frequencies as a prior
+    (a control prompt on half the wells wins every unsure image).
+    """
+    return logits_per_image + torch.log(member.sum(dim=0))[None, :]
+
+
 def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-(1/N) sum_i sum_j t_ij log softmax_j(logits_ij)."""
     return -(targets * torch.log_softmax(logits, dim=1)).sum() / logits.shape[0]
@@ -218,7 +243,7 @@ def clip_loss(image_emb, text_emb, logit_scale, *, labels=None, gather: bool = F
     img, txt, scale = _prep(image_emb, text_emb, logit_scale)
     member = _groups(labels, img.shape[0], img.device, img.dtype)
     logits_per_image = scale * img @ _dedup_text(txt, member).t()  # (B, U)
-    loss_i2t = _soft_ce(logits_per_image, member)
+    loss_i2t = _soft_ce(_copies(logits_per_image, member), member)
     loss_t2i = _soft_ce(logits_per_image.t(), _text_to_image_targets(member))
     return (loss_i2t + loss_t2i) / 2
 
@@ -244,7 +269,7 @@ def cwcl_loss(image_emb, text_emb, channel_features, logit_scale, *, labels=None
     w = channel_similarity_weights(channel_features, labels).to(device=img.device, dtype=img.dtype)
     w = w @ member  # a distinct prompt's target: the summed weights of its samples
     w = w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    loss_cwcl = _soft_ce(logits_per_image, w)
+    loss_cwcl = _soft_ce(_copies(logits_per_image, member), w)
     return loss_cl + loss_cwcl
 
 
