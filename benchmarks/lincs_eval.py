@@ -36,7 +36,14 @@ specified split is the SQ00015231 rows of it).  benchmarks/lincs_eval_encoders.j
 
     OMP_NUM_THREADS=1 python benchmarks/lincs_eval.py --encoders morphology cells \
         morphology+cells --workers 2 --holdouts all --seeds 0 1 2 --corrections tvn \
-        --speed-fields 0 --output benchmarks/lincs_eval_encoders.json
+        --output benchmarks/lincs_eval_encoders.json
+
+and benchmarks/lincs_eval_cells_corrections.json (the single-cell encoders under the other
+corrections) by
+
+    OMP_NUM_THREADS=1 python benchmarks/lincs_eval.py --encoders cells morphology+cells \
+        --workers 1 --holdouts all --seeds 0 1 2 --corrections center_scale none --skip-baseline \
+        --speed-fields 0 --output benchmarks/lincs_eval_cells_corrections.json
 
 (OMP_NUM_THREADS=1: on a machine whose cores are shared, torch's intra-op threads
 made each training step ~30x slower).
