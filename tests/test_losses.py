@@ -460,12 +460,15 @@ def test_repeated_prompts_are_the_papers_repeated_candidates(name):
 
 
 @pytest.mark.parametrize("name", ["clip", "cwcl"])
-def test_a_prompt_on_more_wells_is_not_learned_as_a_prior(name):
-    """Two control samples and one treated share one image: at the loss's optimum the image is as close to
-    either prompt (with no count term it ends log 2 / s closer to the control prompt)."""
-    img = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
-    feats = torch.ones(3, 2, 4, dtype=torch.float64)
-    lab = torch.tensor([0, 0, 1])
+@pytest.mark.parametrize("controls", [2, 16])
+def test_a_prompt_on_more_wells_is_not_learned_as_a_prior(name, controls):
+    """``controls`` control samples and one treated share one image (16: a JUMP plate's share of DMSO
+    wells): at the loss's optimum the image is as close to either prompt (with no count term it ends
+    log(controls) / s closer to the control prompt)."""
+    n = controls + 1
+    img = torch.tensor([[1.0, 0.0, 0.0]] * n, dtype=torch.float64)
+    feats = torch.ones(n, 2, 4, dtype=torch.float64)
+    lab = torch.tensor([0] * controls + [1])
     s = torch.tensor(math.log(10.0), dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_(True)
