@@ -236,7 +236,14 @@ def test_fit_trains_from_memory_mapped_features_like_in_memory(tmp_path, cellcli
     monkeypatch.setattr(data, "build_well_bags", spy)
     kw = dict(TINY, epochs=2, cache_dir=str(cellclip_cache_dir), bag_min_fields=1, bag_max_fields=2,
               lr=1e-3, warmup=1, seed=5, batch_size=2)
-    m = fit(output=str(tmp_path / "mm"), **kw)
+    (tmp_path / "mm").mkdir()
+    killed = tmp_path / "mm" / ".features-rank0.npy.tmp-0badcafe"  # left by a killed fit
+    other = tmp_path / "mm" / ".features-rank1.npy.tmp-0badcafe"  # another rank's: not this one's to remove
+    for p in (killed, other):
+        p.write_bytes(b"x" * 64)
+    with pytest.warns(CellClipWarning, match=r"removed .*features-rank0.*interrupted fit"):
+        m = fit(output=str(tmp_path / "mm"), **kw)
+    assert not killed.exists() and other.exists()
     assert isinstance(seen[0][0], np.memmap) and seen[0][1] is not None
     assert Path(seen[0][1]).parent == (tmp_path / "mm").resolve()
     assert not Path(seen[0][1]).exists()  # removed at the end of fit

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from napari_cellclip._fsutil import temp_path
-from napari_cellclip.errors import CellClipError
+from napari_cellclip._fsutil import remove_stale_temps, temp_path
+from napari_cellclip.errors import CellClipError, CellClipWarning
 
 from . import data as training_data
 from .data import WellBags, read_training_fields, split_by_plate
@@ -155,7 +156,10 @@ def _corrected(cfg, feats, fields, train_mask, val_mask, spec, rank: int):
     n_train = int(train_mask.sum())
     path = None
     if cfg.features_mmap:
-        path = temp_path(Path(cfg.output) / f"features-rank{rank}.npy")  # a scratch file, removed by close()
+        scratch = Path(cfg.output) / f"features-rank{rank}.npy"
+        for p in remove_stale_temps(scratch.parent, scratch.name):  # a killed fit's (as large as the features)
+            warnings.warn(f"removed {p}, the scratch features of an interrupted fit", CellClipWarning, stacklevel=2)
+        path = temp_path(scratch)  # a scratch file, removed by close()
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=feats.shape)
     else:
         out = np.empty(feats.shape, dtype=np.float32)

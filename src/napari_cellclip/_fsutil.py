@@ -53,11 +53,14 @@ def publish(tmp: Path, final) -> None:
         os.replace(tmp, final)
 
 
-def remove_stale_temps(folder) -> list[Path]:
-    """Remove the temporaries a killed writer left in ``folder`` (not recursive) → what was removed.
-    Call it only where no other process is writing into ``folder``."""
+def remove_stale_temps(folder, name: str | None = None) -> list[Path]:
+    """Remove the temporaries a killed writer left in ``folder`` (not recursive) → what was removed;
+    with ``name``, only those of that final name.  Call it only where no other process is writing
+    into ``folder`` (or, with ``name``, writing that name)."""
     folder = Path(folder)
-    stale = [p for p in folder.iterdir() if _TEMP_NAME.match(p.name)] if folder.is_dir() else []
+    prefix = "." if name is None else f".{name}."
+    stale = [p for p in folder.iterdir() if p.name.startswith(prefix) and _TEMP_NAME.match(p.name)
+             ] if folder.is_dir() else []
     for p in stale:
         discard(p)
     return stale
