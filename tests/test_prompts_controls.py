@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from napari_cellclip.errors import MetadataError
-from napari_cellclip.prompts import PromptTemplates, build_prompt, compound_prompt, crispr_prompt, orf_prompt
+from napari_cellclip.prompts import (PromptTemplates, build_prompt, compound_prompt, crispr_prompt, orf_prompt,
+                                    read_flag)
 
 DMSO = {"pert_iname": "DMSO", "smiles": "CS(C)=O", "cell_line": "U2OS"}
 
@@ -83,6 +84,7 @@ def test_missing_compound_message():
                                 "off", "", "nan", None, float("nan")])
 def test_an_is_control_flag_read_as_text_that_says_no_is_no_control(no):
     # a table read with dtype=str holds "False" / "0": not a control (bool("False") is True)
+    assert read_flag(no) is False  # the one reading, shared with correction.control_mask
     row = {"modality": "crispr", "gene": "PLK1", "target_sequence": "ACGT", "cell_line": "U2OS"}
     assert build_prompt({**row, "is_control": no}) == \
         "U2OS cells treated with crispr sequence: ACGT, targeting genes: PLK1"
@@ -94,6 +96,7 @@ def test_an_is_control_flag_read_as_text_that_says_no_is_no_control(no):
 
 @pytest.mark.parametrize("yes", [True, 1, 2.5, "True", "true", " TRUE ", "1", "1.0", "yes", "Y", "t", "on", "x"])
 def test_an_is_control_flag_that_says_yes_is_a_control(yes):
+    assert read_flag(yes) is True
     row = {"modality": "crispr", "gene": "PLK1", "target_sequence": "ACGT", "cell_line": "U2OS"}
     assert build_prompt({**row, "is_control": yes}) == "U2OS cells treated with control, no treatment."
     assert build_prompt({"modality": "orf", "gene": "KCNN1", "Metadata_is_control": yes, "cell_line": "U2OS"}) == \

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CellClipError, CheckpointError, warn_at_caller
-from .prompts import _flag  # the one reading of a yes / no metadata flag
+from .prompts import read_flag  # the one reading of a yes / no metadata flag
 
 METHODS = ("none", "center_scale", "tvn")
 STATE_FILE = "feature_correction.safetensors"
@@ -100,7 +100,7 @@ def control_mask(fields) -> np.ndarray:
             return ct == "negcon"
     if "Metadata_is_control" in cols:
         # read as the prompts read it: a column of text ("False", "no", "0") is not all controls
-        return np.fromiter(map(_flag, fields["Metadata_is_control"]), dtype=bool, count=n)
+        return np.fromiter(map(read_flag, fields["Metadata_is_control"]), dtype=bool, count=n)
     if "Metadata_pert_iname" in cols:
         return np.char.upper(_filled(fields["Metadata_pert_iname"]).astype(str)) == "DMSO"
     return np.zeros(n, dtype=bool)

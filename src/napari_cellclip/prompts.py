@@ -85,7 +85,7 @@ def is_missing(value: Any) -> bool:
 FALSE_STRINGS = ("false", "f", "no", "n", "off")
 
 
-def _flag(value: Any) -> bool:
+def read_flag(value: Any) -> bool:
     """A yes / no metadata flag: missing, falsy, "False" / "no" / "0" (any number 0) are no."""
     if is_missing(value):
         return False
@@ -234,7 +234,7 @@ def _modality_and_control(row: Mapping) -> tuple[str, str | None]:
     if control is None and pert_type in CONTROL_TYPES:
         control = pert_type
     if control is None:
-        if _flag(row.get("Metadata_is_control", row.get("is_control"))):
+        if read_flag(row.get("Metadata_is_control", row.get("is_control"))):
             control = "control"
     return modality.lower(), control
 
