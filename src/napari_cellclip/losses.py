@@ -19,8 +19,8 @@ Conventions shared by all losses
       Without it the optimum learns the batch's prompt frequencies as a prior
       (logit_u = log p(image | u) + log n_u): on a plate with twice as many
       control wells as treated ones, every unsure field is called a control.
-      With it the learned scores carry no prior, so ranking prompts for an
-      image (and ranking images for a prompt) is balanced.
+      With it the learned scores carry no prior, so ranking the prompts for
+      an image is balanced.
     text->image: the row of label u has the uniform target over the images
       with label u; the CE is averaged over the U rows (each prompt weighs the
       same, however many wells it has).
