@@ -113,6 +113,7 @@ def setup(cfg: FitConfig, data: TrainingData, dist: Dist, device, say) -> Run:
     total_steps = len(sampler) * int(cfg.epochs)
     optimizer, impl = make_optimizer(model, cfg, device)
     train_args["optimizer"] = impl
+    model.config.training["optimizer"] = impl  # the checkpoint records what train_args.json does
     run = Run(cfg, dist, device, data, model, model, sampler, optimizer, impl,
               make_scheduler(optimizer, total_steps, cfg.warmup, cfg.min_lr_ratio), grad_scaler(device, cfg.precision),
               (tok["input_ids"].to(device), tok["attention_mask"].to(device)), train_args, total_steps, say)
