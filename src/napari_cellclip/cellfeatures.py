@@ -58,7 +58,7 @@ import numpy as np
 from .errors import CellClipError
 from .segmentation import Segmentation
 
-__all__ = ["CHANNEL_FEATURES", "FEATURE_NAMES", "FIELD_FEATURES", "SHAPE_FEATURES", "VERSION",
+__all__ = ["CHANNEL_FEATURES", "FEATURE_NAMES", "FIELD_FEATURES", "SHAPE_FEATURES", "VERSION", "measure_field",
            "CellMeasurements", "field_profile", "measure_cells", "profile_cell_counts"]
 
 #: bumped whenever a feature's definition or order changes (part of the encoder identity)
@@ -205,6 +205,29 @@ def measure_cells(field: np.ndarray, seg: Segmentation, stains: Sequence[str], *
     shape = np.concatenate([nuc, cel, cyto_area[:, None], (nuc[:, 0] / np.maximum(cel[:, 0], 1))[:, None]], 1)
     cy_cx = np.asarray(ndi.center_of_mass(np.ones_like(seg.nuclei), seg.nuclei, np.arange(1, n + 1)))
     return CellMeasurements(channel, shape, cy_cx[:, ::-1].copy(), tuple(stains))
+
+
+def measure_field(field: np.ndarray, stains: Sequence[str], *, nuclei_stain: str = "DNA", cell_stain: str = "RNA",
+                  params=None, ranges=None, normalized: bool = False, low: float = 1.0, high: float = 99.9
+                  ) -> tuple[Segmentation, CellMeasurements]:
+    """Segment a field (C, H, W) and measure its cells → (masks, measurements).
+
+    ``field`` is raw (any dtype) unless ``normalized`` (float in [0, 1]); a raw field is rescaled by
+    ``ranges`` (C, 2) or, when None, by its own ``low``/``high`` percentiles before measuring.  The
+    segmentation always reads the field itself (:func:`~napari_cellclip.segmentation.segment_field`,
+    ``params`` a :class:`~napari_cellclip.segmentation.SegmentationParams`).
+    """
+    from .images import normalize, normalize_range
+    from .segmentation import segment_field
+
+    field = np.asarray(field)
+    seg = segment_field(field, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain, params=params)
+    if normalized:
+        unit = np.asarray(field, dtype=np.float32)
+    else:
+        finite = np.where(np.isfinite(field), field, 0) if field.dtype.kind == "f" else field
+        unit = normalize(finite, low, high) if ranges is None else normalize_range(finite, ranges)
+    return seg, measure_cells(unit, seg, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain)
 
 
 # --------------------------------------------------------------------------- per field

@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from ._fsutil import discard, publish, temp_path
-from .cellfeatures import CHANNEL_FEATURES, SHAPE_FEATURES, measure_cells
+from .cellfeatures import CHANNEL_FEATURES, SHAPE_FEATURES, measure_field
 from .errors import Cancelled, CellClipError
-from .segmentation import SegmentationParams, _stain_index, segment_field
+from .segmentation import SegmentationParams, _stain_index
 
 __all__ = ["cell_columns", "cell_table", "export_cell_table", "main"]
 
@@ -78,13 +78,8 @@ def cell_table(raw: np.ndarray, stains: Sequence[str], *, nuclei_stain: str = "D
     ``ranges`` (C, 2): the intensity range of each channel (plate normalisation);
     None: the field's own ``low``/``high`` percentiles.
     """
-    from .images import normalize, normalize_range
-
-    raw = np.asarray(raw)
-    seg = segment_field(raw, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain, params=params)
-    finite = np.where(np.isfinite(raw), raw, 0) if raw.dtype.kind == "f" else raw
-    unit = normalize(finite, low, high) if ranges is None else normalize_range(finite, ranges)
-    m = measure_cells(unit, seg, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain)
+    _, m = measure_field(raw, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain, params=params,
+                         ranges=ranges, low=low, high=high)
     data = {k: [v] * m.n for k, v in (metadata or {}).items()}
     data["ObjectNumber"] = np.arange(1, m.n + 1, dtype=np.int64)
     data["Nuclei_Location_Center_X"] = m.centers[:, 0]

@@ -54,20 +54,13 @@ def field_profile_of(field: np.ndarray, stains: Sequence[str], *, nuclei_stain: 
     before measuring.  The segmentation always reads the field itself
     (:func:`~napari_cellclip.segmentation.segment_field`).
     """
-    from ..cellfeatures import field_profile, measure_cells
-    from ..images import normalize, normalize_range
-    from ..segmentation import segment_field
+    from ..cellfeatures import field_profile, measure_field
 
     field = np.asarray(field)
     if field.ndim != 3 or field.shape[0] != len(stains):
         raise CellClipError(f"a field of {len(stains)} stains {list(stains)} must be (C, H, W), got {field.shape}")
-    seg = segment_field(field, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain, params=params)
-    if normalized:
-        unit = np.asarray(field, dtype=np.float32)
-    else:
-        finite = np.where(np.isfinite(field), field, 0) if field.dtype.kind == "f" else field
-        unit = normalize(finite, low, high) if ranges is None else normalize_range(finite, ranges)
-    m = measure_cells(unit, seg, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain)
+    seg, m = measure_field(field, stains, nuclei_stain=nuclei_stain, cell_stain=cell_stain, params=params,
+                           ranges=ranges, normalized=normalized, low=low, high=high)
     return field_profile(m, seg)
 
 
