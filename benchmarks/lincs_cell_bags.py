@@ -47,13 +47,10 @@ def _default_root() -> str:
 def cell_instances(item) -> np.ndarray:
     """(n_cells, C, 96) float32 of one field: per stain its 76 measurements, then the 20 shape numbers."""
     row, ranges = item
-    from napari_cellclip.cellfeatures import measure_cells
-    from napari_cellclip.images import load_field, normalize_range
-    from napari_cellclip.segmentation import segment_field
+    from napari_cellclip.cellfeatures import measure_field
+    from napari_cellclip.images import load_field
 
-    raw = load_field(row, STAINS)
-    seg = segment_field(raw, STAINS)
-    m = measure_cells(normalize_range(raw, ranges), seg, STAINS)
+    _, m = measure_field(load_field(row, STAINS), STAINS, ranges=ranges)
     x = np.concatenate([m.channel, np.repeat(m.shape[:, None, :], len(STAINS), 1)], 2)
     return np.nan_to_num(np.arcsinh(x), nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
@@ -77,36 +74,27 @@ def cell_rows(fields, workers: int):
     return np.concatenate(per_field).astype(np.float32), cells
 
 
-def bags_by(keys) -> np.ndarray:
-    """(n_groups, M_max) rows of each distinct key in first-seen order, -1 padded."""
-    groups: dict = {}
-    for r, k in enumerate(keys):
-        groups.setdefault(k, []).append(r)
-    idx = np.full((len(groups), max(len(v) for v in groups.values())), -1, dtype=np.int64)
-    for b, rows in enumerate(groups.values()):
-        idx[b, :len(rows)] = rows
-    return idx
-
-
 def evaluate_held_out(out: Path, feats: np.ndarray, cells) -> dict:
-    """Wells and fields (bags of their cells) of the held-out plate against its prompts."""
+    """Wells and fields (bags of their cells) of the held-out plate against its prompts: the bags are
+    :func:`training.data.build_well_bags`' (the wells training and the store use), a field's bag being
+    the "well" of its own cells."""
     from napari_cellclip import correction as corr
     from napari_cellclip.checkpoints import load_model, resolve_checkpoint
     from napari_cellclip.towers import encode_bags, encode_texts
+    from training.data import build_well_bags
     from training.evaluate import retrieval_metrics
 
     ck = resolve_checkpoint(out)
     model = load_model(ck)
     x = corr.apply(feats, cells, corr.spec_for_model(model, ck))
-    prompts = sorted(set(cells["Metadata_prompt"]))
-    pid = cells["Metadata_prompt"].map({p: i for i, p in enumerate(prompts)}).to_numpy()
-    text = encode_texts(model, prompts)
+    by_field = cells.assign(Metadata_Well=cells["Metadata_Well"].astype(str) + "/"
+                            + cells["Metadata_FieldIndex"].astype(str))
     rep = {}
-    for level, keys in (("well", cells["Metadata_Well"]), ("field", cells["Metadata_FieldIndex"])):
-        idx = bags_by(list(keys))
-        m = retrieval_metrics(encode_bags(model, x, idx), text, pid[idx[:, 0]])
-        m["per_prompt_image_to_text_R@1"] = {prompts[k]: v for k, v in m["per_prompt_image_to_text_R@1"].items()}
-        m["right"] = int(round(m["accuracy"] * len(idx)))
+    for level, table in (("well", cells), ("field", by_field)):
+        wb = build_well_bags(x, table)
+        m = retrieval_metrics(encode_bags(model, x, wb.bag_index), encode_texts(model, wb.prompts), wb.prompt_ids)
+        m["per_prompt_image_to_text_R@1"] = {wb.prompts[k]: v for k, v in m["per_prompt_image_to_text_R@1"].items()}
+        m["right"] = int(round(m["accuracy"] * len(wb)))
         rep[level] = m
     return rep
 
